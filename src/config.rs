@@ -1,0 +1,483 @@
+//! Settings, layered: built-in defaults < `config.toml` < `TOTPD_*` environment < command-line
+//! flags. Every key has one entry in `KEYS` (name, type, range), which drives the file parser,
+//! the environment parser and the documentation test. Unknown keys and bad values are collected
+//! and reported together, one line each, naming the key and where it came from.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use crate::password::Argon2Settings;
+use crate::totp::MAX_SKEW;
+
+pub const ENV_PREFIX: &str = "TOTPD_";
+/// The file read when neither `--config` nor `TOTPD_CONFIG` names one, if it exists.
+pub const DEFAULT_CONFIG_FILE: &str = "config.toml";
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub issuer: String,
+    pub allow_registration: bool,
+    pub temp_token_ttl: u64,
+    pub temp_token_attempts: u32,
+    pub cache_capacity: u64,
+    pub log_level: String,
+    pub totp_skew: u64,
+    pub argon2: Argon2Settings,
+    /// Threads that may run Argon2 at once; 0 means one per CPU core.
+    pub hash_threads: usize,
+    pub max_connections: usize,
+    pub header_read_timeout: u64,
+    pub body_read_timeout: u64,
+}
+
+impl Config {
+    /// `hash_threads` with 0 resolved to the number of CPU cores.
+    pub fn hash_threads(&self) -> usize {
+        match self.hash_threads {
+            0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
+            n => n,
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8000)),
+            data_dir: PathBuf::from("data"),
+            issuer: "totpd".into(),
+            allow_registration: false,
+            temp_token_ttl: 300,
+            temp_token_attempts: 5,
+            cache_capacity: 16 * 1024 * 1024,
+            log_level: "info".into(),
+            totp_skew: 1,
+            argon2: Argon2Settings::default(),
+            hash_threads: 0,
+            max_connections: 1024,
+            header_read_timeout: 10,
+            body_read_timeout: 10,
+        }
+    }
+}
+
+/// A value as found in one source.
+enum Raw<'a> {
+    Toml(&'a toml::Value),
+    Env(&'a str),
+}
+
+impl Raw<'_> {
+    fn integer(&self, min: u64, max: u64) -> Result<u64, String> {
+        let n = match self {
+            Raw::Toml(toml::Value::Integer(i)) => u64::try_from(*i).ok(),
+            Raw::Toml(_) => return Err("must be an integer".into()),
+            Raw::Env(s) => s.trim().parse::<u64>().ok(),
+        };
+        match n {
+            Some(n) if (min..=max).contains(&n) => Ok(n),
+            _ => Err(format!("must be an integer from {min} to {max}")),
+        }
+    }
+
+    fn boolean(&self) -> Result<bool, String> {
+        match self {
+            Raw::Toml(toml::Value::Boolean(b)) => Ok(*b),
+            Raw::Env(s) if s.eq_ignore_ascii_case("true") || *s == "1" => Ok(true),
+            Raw::Env(s) if s.eq_ignore_ascii_case("false") || *s == "0" => Ok(false),
+            _ => Err("must be true or false".into()),
+        }
+    }
+
+    fn string(&self) -> Result<String, String> {
+        match self {
+            Raw::Toml(toml::Value::String(s)) => Ok(s.clone()),
+            Raw::Toml(_) => Err("must be a string".into()),
+            Raw::Env(s) => Ok((*s).to_owned()),
+        }
+    }
+}
+
+type Apply = fn(&mut Config, &Raw<'_>) -> Result<(), String>;
+
+/// One configuration key.
+pub struct Key {
+    /// Dotted TOML name; the environment variable is `TOTPD_` + the name upper-cased with `_`
+    /// for `.`.
+    pub name: &'static str,
+    apply: Apply,
+}
+
+impl Key {
+    pub fn env_var(&self) -> String {
+        format!("{ENV_PREFIX}{}", self.name.replace('.', "_").to_ascii_uppercase())
+    }
+}
+
+const GIB: u64 = 1024 * 1024 * 1024;
+
+/// Every key, in the order `config.toml` documents them.
+pub const KEYS: &[Key] = &[
+    Key {
+        name: "listen",
+        apply: |c, r| {
+            let s = r.string()?;
+            c.listen = s
+                .parse()
+                .map_err(|_| format!("must be IP:PORT, like 127.0.0.1:8000 (got {s:?})"))?;
+            Ok(())
+        },
+    },
+    Key {
+        name: "data_dir",
+        apply: |c, r| {
+            let s = r.string()?;
+            if s.is_empty() {
+                return Err("must not be empty".into());
+            }
+            c.data_dir = PathBuf::from(s);
+            Ok(())
+        },
+    },
+    Key {
+        name: "issuer",
+        apply: |c, r| {
+            let s = r.string()?;
+            if s.trim().is_empty() || s.chars().count() > 64 || s.chars().any(char::is_control) {
+                return Err("must be 1 to 64 characters without control characters".into());
+            }
+            c.issuer = s;
+            Ok(())
+        },
+    },
+    Key {
+        name: "allow_registration",
+        apply: |c, r| {
+            c.allow_registration = r.boolean()?;
+            Ok(())
+        },
+    },
+    Key {
+        name: "temp_token_ttl",
+        apply: |c, r| {
+            c.temp_token_ttl = r.integer(10, 3600)?;
+            Ok(())
+        },
+    },
+    Key {
+        name: "temp_token_attempts",
+        apply: |c, r| {
+            c.temp_token_attempts = r.integer(1, 20)? as u32;
+            Ok(())
+        },
+    },
+    Key {
+        name: "cache_capacity",
+        apply: |c, r| {
+            c.cache_capacity = r.integer(1024 * 1024, 64 * GIB)?;
+            Ok(())
+        },
+    },
+    Key {
+        name: "log_level",
+        apply: |c, r| {
+            let s = r.string()?;
+            tracing_subscriber::EnvFilter::try_new(&s)
+                .map_err(|e| format!("is not a valid filter ({e})"))?;
+            c.log_level = s;
+            Ok(())
+        },
+    },
+    Key {
+        name: "hash_threads",
+        apply: |c, r| {
+            c.hash_threads = r.integer(0, 256)? as usize;
+            Ok(())
+        },
+    },
+    Key {
+        name: "max_connections",
+        apply: |c, r| {
+            c.max_connections = r.integer(1, 1_000_000)? as usize;
+            Ok(())
+        },
+    },
+    Key {
+        name: "header_read_timeout",
+        apply: |c, r| {
+            c.header_read_timeout = r.integer(1, 600)?;
+            Ok(())
+        },
+    },
+    Key {
+        name: "body_read_timeout",
+        apply: |c, r| {
+            c.body_read_timeout = r.integer(1, 600)?;
+            Ok(())
+        },
+    },
+    Key {
+        name: "totp.skew",
+        apply: |c, r| {
+            c.totp_skew = r.integer(0, MAX_SKEW)?;
+            Ok(())
+        },
+    },
+    Key {
+        name: "argon2.memory_kib",
+        apply: |c, r| {
+            c.argon2.memory_kib = r.integer(8, 4 * 1024 * 1024)? as u32;
+            Ok(())
+        },
+    },
+    Key {
+        name: "argon2.iterations",
+        apply: |c, r| {
+            c.argon2.iterations = r.integer(1, 100)? as u32;
+            Ok(())
+        },
+    },
+    Key {
+        name: "argon2.parallelism",
+        apply: |c, r| {
+            c.argon2.parallelism = r.integer(1, 64)? as u32;
+            Ok(())
+        },
+    },
+];
+
+/// What the command line says; `None` leaves the layers below in charge.
+#[derive(Debug, Default, Clone)]
+pub struct Flags {
+    pub config: Option<PathBuf>,
+    pub data_dir: Option<PathBuf>,
+    pub listen: Option<String>,
+}
+
+impl Config {
+    /// Builds the configuration from the flags, the environment (`env`, usually
+    /// `std::env::vars()`) and the config file they point to. Every problem is reported.
+    pub fn load(
+        flags: &Flags,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, Vec<String>> {
+        let env: BTreeMap<String, String> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with(ENV_PREFIX))
+            .collect();
+        let mut config = Config::default();
+        let mut problems = Vec::new();
+
+        let explicit = flags
+            .config
+            .clone()
+            .or_else(|| env.get("TOTPD_CONFIG").map(PathBuf::from));
+        let file = match explicit {
+            Some(path) => Some(path),
+            None => Some(PathBuf::from(DEFAULT_CONFIG_FILE)).filter(|p| p.exists()),
+        };
+        if let Some(path) = file {
+            match std::fs::read_to_string(&path) {
+                Ok(text) => problems.extend(config.apply_toml(&text, &path)),
+                Err(e) => problems.push(format!("cannot read config file {}: {e}", path.display())),
+            }
+        }
+
+        for (var, value) in &env {
+            if var == "TOTPD_CONFIG" {
+                continue;
+            }
+            match KEYS.iter().find(|k| k.env_var() == *var) {
+                Some(key) => {
+                    if let Err(e) = (key.apply)(&mut config, &Raw::Env(value)) {
+                        problems.push(format!("{var}: {e}"));
+                    }
+                }
+                None => problems.push(format!(
+                    "{var}: unknown setting (known: TOTPD_CONFIG and {})",
+                    KEYS.iter().map(Key::env_var).collect::<Vec<_>>().join(", ")
+                )),
+            }
+        }
+
+        if let Some(dir) = &flags.data_dir {
+            config.data_dir = dir.clone();
+        }
+        if let Some(listen) = &flags.listen {
+            if let Err(e) = apply_key(&mut config, "listen", &Raw::Env(listen)) {
+                problems.push(format!("--listen: {e}"));
+            }
+        }
+
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(problems)
+        }
+    }
+
+    /// Applies a TOML document; returns the problems found, each prefixed with the file name.
+    fn apply_toml(&mut self, text: &str, path: &Path) -> Vec<String> {
+        let table: toml::Table = match text.parse() {
+            Ok(t) => t,
+            Err(e) => {
+                let message = e.to_string().replace('\n', " ");
+                return vec![format!("{}: not valid TOML: {}", path.display(), message.trim())];
+            }
+        };
+        let mut flat = Vec::new();
+        flatten("", &table, &mut flat);
+        flat.into_iter()
+            .filter_map(|(name, value)| {
+                apply_key(self, &name, &Raw::Toml(value))
+                    .err()
+                    .map(|e| format!("{}: {name}: {e}", path.display()))
+            })
+            .collect()
+    }
+}
+
+fn apply_key(config: &mut Config, name: &str, raw: &Raw<'_>) -> Result<(), String> {
+    match KEYS.iter().find(|k| k.name == name) {
+        Some(key) => (key.apply)(config, raw),
+        None => Err("unknown key".into()),
+    }
+}
+
+/// `[totp] skew = 1` becomes `("totp.skew", 1)`.
+fn flatten<'a>(prefix: &str, table: &'a toml::Table, out: &mut Vec<(String, &'a toml::Value)>) {
+    for (key, value) in table {
+        let name = if prefix.is_empty() {
+            key.clone()
+        } else {
+            format!("{prefix}.{key}")
+        };
+        match value {
+            toml::Value::Table(inner) => flatten(&name, inner, out),
+            other => out.push((name, other)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    fn write_config(text: &str) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("totpd.toml");
+        std::fs::write(&path, text).expect("write");
+        (dir, path)
+    }
+
+    fn flags_for(path: &Path) -> Flags {
+        Flags {
+            config: Some(path.to_path_buf()),
+            ..Flags::default()
+        }
+    }
+
+    #[test]
+    fn precedence_is_flag_then_env_then_file_then_default() {
+        let (_dir, path) = write_config(
+            "listen = \"127.0.0.1:1111\"\ndata_dir = \"from-file\"\nissuer = \"File\"\n[totp]\nskew = 2\n",
+        );
+        let mut flags = flags_for(&path);
+        let vars = env(&[
+            ("TOTPD_LISTEN", "127.0.0.1:2222"),
+            ("TOTPD_DATA_DIR", "from-env"),
+            ("TOTPD_TOTP_SKEW", "0"),
+        ]);
+        let config = Config::load(&flags, vars.clone()).expect("valid");
+        assert_eq!(config.listen.port(), 2222);
+        assert_eq!(config.data_dir, PathBuf::from("from-env"));
+        assert_eq!(config.issuer, "File");
+        assert_eq!(config.totp_skew, 0);
+        assert_eq!(config.temp_token_ttl, 300, "default kept");
+        flags.listen = Some("127.0.0.1:3333".into());
+        flags.data_dir = Some("from-flag".into());
+        let config = Config::load(&flags, vars).expect("valid");
+        assert_eq!(config.listen.port(), 3333);
+        assert_eq!(config.data_dir, PathBuf::from("from-flag"));
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once_naming_key_and_source() {
+        let (_dir, path) = write_config(
+            "colour = \"blue\"\ntemp_token_ttl = \"soon\"\n[totp]\nskew = 9\n",
+        );
+        let problems = Config::load(
+            &flags_for(&path),
+            env(&[("TOTPD_ALLOW_REGISTRATION", "maybe"), ("TOTPD_BOGUS", "1")]),
+        )
+        .expect_err("invalid");
+        assert_eq!(problems.len(), 5, "{problems:#?}");
+        let all = problems.join("\n");
+        for needle in [
+            "colour: unknown key",
+            "temp_token_ttl: must be an integer",
+            "totp.skew: must be an integer from 0 to 2",
+            "TOTPD_ALLOW_REGISTRATION: must be true or false",
+            "TOTPD_BOGUS: unknown setting",
+        ] {
+            assert!(all.contains(needle), "missing {needle:?} in\n{all}");
+        }
+    }
+
+    #[test]
+    fn a_missing_explicit_file_and_bad_toml_are_errors() {
+        let problems = Config::load(&flags_for(Path::new("/nonexistent/totpd.toml")), env(&[]))
+            .expect_err("missing");
+        assert!(problems[0].contains("cannot read config file"));
+        let (_dir, path) = write_config("listen = ");
+        let problems = Config::load(&flags_for(&path), env(&[])).expect_err("bad toml");
+        assert!(problems[0].contains("not valid TOML"), "{problems:?}");
+    }
+
+    #[test]
+    fn bad_listen_flag_is_reported() {
+        let flags = Flags {
+            listen: Some("localhost".into()),
+            ..Flags::default()
+        };
+        let problems = Config::load(&flags, env(&[])).expect_err("bad");
+        assert!(problems[0].starts_with("--listen: must be IP:PORT"));
+    }
+
+    #[test]
+    fn env_names_follow_the_key_names() {
+        let names: Vec<String> = KEYS.iter().map(Key::env_var).collect();
+        assert!(names.contains(&"TOTPD_TOTP_SKEW".to_owned()));
+        assert!(names.contains(&"TOTPD_ARGON2_MEMORY_KIB".to_owned()));
+        assert!(names.contains(&"TOTPD_TEMP_TOKEN_TTL".to_owned()));
+    }
+
+    /// The sample `config.toml` in the repository documents every key with its env var, and
+    /// loading it gives exactly the defaults.
+    #[test]
+    fn sample_config_documents_every_key_and_equals_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.toml");
+        let text = std::fs::read_to_string(&path).expect("config.toml exists");
+        for key in KEYS {
+            let leaf = key.name.rsplit('.').next().unwrap_or(key.name);
+            assert!(
+                text.lines().any(|l| l.trim_start().starts_with(&format!("{leaf} ="))),
+                "config.toml does not set {}",
+                key.name
+            );
+            assert!(text.contains(&key.env_var()), "config.toml does not name {}", key.env_var());
+        }
+        let config = Config::load(&flags_for(&path), env(&[])).expect("sample is valid");
+        assert_eq!(config, Config::default());
+    }
+}

@@ -1,0 +1,84 @@
+//! totpd: a TOTP two-factor-authentication server in one binary.
+//!
+//! It serves the AuthTOTP API (setup, activate, verify, deactivate) plus the password login that
+//! starts a two-step login, and keeps every user, secret, token and recovery code in an embedded
+//! sled database. Dependencies point one way:
+//! `routes → handlers → service → {totp, store, models}`, with `error` and `clock` as leaves.
+//! `main.rs` only calls [`cli::run`]; tests build the same [`AppState`] and call
+//! [`server::serve`] on a port of their own.
+
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod error;
+pub mod group_commit;
+pub mod handlers;
+pub mod input;
+pub mod models;
+pub mod password;
+pub mod routes;
+pub mod secrets;
+pub mod server;
+pub mod service;
+pub mod store;
+pub mod totp;
+
+use std::sync::Arc;
+
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::password::{HashError, PasswordHasher};
+use crate::service::{Policy, Service};
+use crate::store::{OpenError, Store};
+
+/// Everything a request needs, built once and shared (no global state).
+#[derive(Clone)]
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub clock: Arc<dyn Clock>,
+    pub store: Arc<Store>,
+    pub service: Arc<Service>,
+}
+
+/// Why the server could not be built.
+#[derive(Debug)]
+pub enum StartError {
+    Store(OpenError),
+    Hasher(HashError),
+}
+
+impl std::fmt::Display for StartError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StartError::Store(e) => e.fmt(f),
+            StartError::Hasher(e) => write!(f, "invalid argon2 settings: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for StartError {}
+
+impl AppState {
+    /// Opens the store in `config.data_dir` and wires the service. Blocking (opens files, runs
+    /// one Argon2 hash for the dummy); call it before serving or from `spawn_blocking`.
+    pub fn build(config: Config, clock: Arc<dyn Clock>) -> Result<Self, StartError> {
+        let hasher = PasswordHasher::new(config.argon2, config.hash_threads())
+            .map_err(StartError::Hasher)?;
+        let store =
+            Arc::new(Store::open(&config.data_dir, config.cache_capacity).map_err(StartError::Store)?);
+        let policy = Policy {
+            issuer: config.issuer.clone(),
+            allow_registration: config.allow_registration,
+            temp_token_ttl: config.temp_token_ttl,
+            temp_token_attempts: config.temp_token_attempts,
+            totp_skew: config.totp_skew,
+        };
+        let service = Arc::new(Service::new(Arc::clone(&store), hasher, policy));
+        Ok(Self {
+            config: Arc::new(config),
+            clock,
+            store,
+            service,
+        })
+    }
+}

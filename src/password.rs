@@ -1,0 +1,175 @@
+//! Password hashing with Argon2id (PHC strings, a random salt per user), always off the async
+//! executor: each hash runs on tokio's blocking pool behind a semaphore sized to the cores, so a
+//! flood of logins queues for CPU instead of starving the threads that answer verify.
+
+use std::sync::Arc;
+
+use argon2::password_hash::{PasswordHash, PasswordHasher as _, PasswordVerifier, SaltString};
+use argon2::{Algorithm, Argon2, Params, Version};
+use tokio::sync::Semaphore;
+
+use crate::secrets::{RngError, random_bytes};
+
+/// Passwords longer than this are refused before hashing (hashing cost is linear in length).
+pub const MAX_PASSWORD_BYTES: usize = 1024;
+/// The shortest password `user add` and registration accept.
+pub const MIN_PASSWORD_CHARS: usize = 8;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Argon2Settings {
+    pub memory_kib: u32,
+    pub iterations: u32,
+    pub parallelism: u32,
+}
+
+impl Default for Argon2Settings {
+    /// OWASP's Password Storage Cheat Sheet row m=19456 KiB, t=2, p=1.
+    fn default() -> Self {
+        Self {
+            memory_kib: 19_456,
+            iterations: 2,
+            parallelism: 1,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub enum HashError {
+    Rng(RngError),
+    Argon2(String),
+    Cancelled,
+}
+
+impl std::fmt::Display for HashError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HashError::Rng(e) => e.fmt(f),
+            HashError::Argon2(e) => write!(f, "argon2: {e}"),
+            HashError::Cancelled => f.write_str("the hashing task was cancelled"),
+        }
+    }
+}
+
+impl std::error::Error for HashError {}
+
+/// Hashes and checks passwords on a bounded number of blocking threads.
+#[derive(Clone)]
+pub struct PasswordHasher {
+    argon2: Argon2<'static>,
+    permits: Arc<Semaphore>,
+    /// Checked when the user does not exist, so that case costs the same as a wrong password.
+    dummy_hash: Arc<String>,
+}
+
+impl PasswordHasher {
+    /// Builds the hasher and computes its dummy hash (one Argon2 run, on the calling thread).
+    pub fn new(settings: Argon2Settings, threads: usize) -> Result<Self, HashError> {
+        let params = Params::new(
+            settings.memory_kib,
+            settings.iterations,
+            settings.parallelism,
+            None,
+        )
+        .map_err(|e| HashError::Argon2(e.to_string()))?;
+        let argon2 = Argon2::new(Algorithm::Argon2id, Version::V0x13, params);
+        let dummy_hash = Arc::new(hash_with(&argon2, "totpd dummy password")?);
+        Ok(Self {
+            argon2,
+            permits: Arc::new(Semaphore::new(threads.max(1))),
+            dummy_hash,
+        })
+    }
+
+    /// A PHC string for `password`, computed on the blocking pool.
+    pub async fn hash(&self, password: String) -> Result<String, HashError> {
+        let argon2 = self.argon2.clone();
+        self.run_blocking(move || hash_with(&argon2, &password))
+            .await?
+    }
+
+    /// Checks `password` against `phc`, or against the dummy hash when there is no user, so both
+    /// cases take one Argon2 run. Returns false for the dummy.
+    pub async fn verify(&self, password: String, phc: Option<String>) -> Result<bool, HashError> {
+        let argon2 = self.argon2.clone();
+        let dummy = Arc::clone(&self.dummy_hash);
+        self.run_blocking(move || {
+            let real = phc.is_some();
+            let target = phc.as_deref().unwrap_or(dummy.as_str());
+            Ok(verify_with(&argon2, &password, target) && real)
+        })
+        .await?
+    }
+
+    /// Blocking variant for the CLI, which has no runtime.
+    pub fn hash_now(&self, password: &str) -> Result<String, HashError> {
+        hash_with(&self.argon2, password)
+    }
+
+    async fn run_blocking<T: Send + 'static>(
+        &self,
+        job: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, HashError> {
+        let _permit = self
+            .permits
+            .acquire()
+            .await
+            .map_err(|_| HashError::Cancelled)?;
+        tokio::task::spawn_blocking(job)
+            .await
+            .map_err(|_| HashError::Cancelled)
+    }
+}
+
+fn hash_with(argon2: &Argon2<'_>, password: &str) -> Result<String, HashError> {
+    let salt = random_bytes::<16>().map_err(HashError::Rng)?;
+    let salt = SaltString::encode_b64(&salt).map_err(|e| HashError::Argon2(e.to_string()))?;
+    argon2
+        .hash_password(password.as_bytes(), &salt)
+        .map(|h| h.to_string())
+        .map_err(|e| HashError::Argon2(e.to_string()))
+}
+
+/// The parameters come from the PHC string, so hashes made under older settings still verify.
+fn verify_with(argon2: &Argon2<'_>, password: &str, phc: &str) -> bool {
+    PasswordHash::new(phc)
+        .map(|parsed| argon2.verify_password(password.as_bytes(), &parsed).is_ok())
+        .unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cheap() -> PasswordHasher {
+        let settings = Argon2Settings {
+            memory_kib: 64,
+            iterations: 1,
+            parallelism: 1,
+        };
+        PasswordHasher::new(settings, 2).expect("valid parameters")
+    }
+
+    #[tokio::test]
+    async fn hashes_are_salted_argon2id_phc_strings_that_verify() {
+        let hasher = cheap();
+        let a = hasher.hash("correct horse".into()).await.expect("hash");
+        let b = hasher.hash("correct horse".into()).await.expect("hash");
+        assert!(a.starts_with("$argon2id$v=19$m=64,t=1,p=1$"), "{a}");
+        assert_ne!(a, b, "salts differ");
+        assert!(hasher.verify("correct horse".into(), Some(a.clone())).await.expect("ran"));
+        assert!(!hasher.verify("wrong horse".into(), Some(a)).await.expect("ran"));
+    }
+
+    #[tokio::test]
+    async fn an_unknown_user_checks_the_dummy_and_fails_even_with_its_password() {
+        let hasher = cheap();
+        assert!(!hasher.verify("totpd dummy password".into(), None).await.expect("ran"));
+        assert!(!hasher.verify("x".into(), Some("not a phc".into())).await.expect("ran"));
+    }
+
+    #[test]
+    fn default_parameters_meet_owasp_minimum() {
+        let hasher = PasswordHasher::new(Argon2Settings::default(), 1).expect("valid");
+        assert!(hasher.dummy_hash.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"));
+    }
+}

@@ -1,0 +1,143 @@
+//! warp filters only: path, method, state, the raw request parts each handler needs. Anything the
+//! framework rejects (unknown path 404, wrong method 405, body too large 413, wrong media type
+//! 415, slow body 408) becomes the same JSON error shape in `error::handle_rejection`.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use futures_util::{Stream, StreamExt};
+use warp::http::{HeaderMap, header};
+use warp::{Filter, Rejection, Reply};
+
+use crate::error::{Error, handle_rejection};
+use crate::{AppState, handlers};
+
+/// Largest request body accepted, in bytes.
+pub const MAX_BODY_BYTES: usize = 16 * 1024;
+
+pub fn routes(state: AppState) -> impl Filter<Extract = (impl Reply,), Error = Infallible> + Clone {
+    let body = body(Duration::from_secs(state.config.body_read_timeout));
+    let state = warp::any().map(move || state.clone());
+    let headers = warp::header::headers_cloned();
+
+    let register = warp::path!("api" / "v1" / "auth" / "register")
+        .and(warp::post())
+        .and(state.clone())
+        .and(body.clone())
+        .then(handlers::register);
+    let login = warp::path!("api" / "v1" / "auth" / "login")
+        .and(warp::post())
+        .and(state.clone())
+        .and(body.clone())
+        .then(handlers::login);
+    let logout = warp::path!("api" / "v1" / "auth" / "logout")
+        .and(warp::post())
+        .and(state.clone())
+        .and(headers.clone())
+        .and(body.clone())
+        .then(handlers::logout);
+    let status = warp::path!("api" / "v1" / "auth" / "totp")
+        .and(warp::get())
+        .and(state.clone())
+        .and(headers.clone())
+        .then(handlers::status);
+    let setup = warp::path!("api" / "v1" / "auth" / "totp" / "setup")
+        .and(warp::post())
+        .and(state.clone())
+        .and(headers.clone())
+        .and(body.clone())
+        .then(handlers::setup);
+    let activate = warp::path!("api" / "v1" / "auth" / "totp" / "activate")
+        .and(warp::post())
+        .and(state.clone())
+        .and(headers.clone())
+        .and(body.clone())
+        .then(handlers::activate);
+    let verify = warp::path!("api" / "v1" / "auth" / "totp" / "verify")
+        .and(warp::post())
+        .and(state.clone())
+        .and(body.clone())
+        .then(handlers::verify);
+    let deactivate = warp::path!("api" / "v1" / "auth" / "totp" / "deactivate")
+        .and(warp::post())
+        .and(state)
+        .and(headers)
+        .and(body)
+        .then(handlers::deactivate);
+
+    register
+        .or(login)
+        .or(logout)
+        .or(status)
+        .or(setup)
+        .or(activate)
+        .or(verify)
+        .or(deactivate)
+        .recover(handle_rejection)
+}
+
+/// The request body, at most `MAX_BODY_BYTES`, read within `timeout`. Works with and without
+/// `Content-Length` (warp's `content_length_limit` would answer 411 to a body-less POST that
+/// omits it). A non-empty body must be `application/json`.
+fn body(timeout: Duration) -> impl Filter<Extract = (Bytes,), Error = Rejection> + Clone {
+    warp::header::headers_cloned()
+        .and(warp::body::stream())
+        .and_then(move |headers: HeaderMap, stream| async move {
+            read_body(&headers, stream, timeout)
+                .await
+                .map_err(warp::reject::custom)
+        })
+}
+
+async fn read_body<S, B>(headers: &HeaderMap, stream: S, timeout: Duration) -> Result<Bytes, Error>
+where
+    S: Stream<Item = Result<B, warp::Error>>,
+    B: Buf,
+{
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
+        return Err(Error::PayloadTooLarge);
+    }
+    let body = tokio::time::timeout(timeout, collect_limited(stream))
+        .await
+        .map_err(|_| Error::RequestTimeout)??;
+    if !body.is_empty() && !is_json(headers) {
+        return Err(Error::UnsupportedMediaType);
+    }
+    Ok(body)
+}
+
+async fn collect_limited<S, B>(stream: S) -> Result<Bytes, Error>
+where
+    S: Stream<Item = Result<B, warp::Error>>,
+    B: Buf,
+{
+    let mut stream = std::pin::pin!(stream);
+    let mut body = BytesMut::new();
+    while let Some(chunk) = stream.next().await {
+        let mut chunk = chunk.map_err(|_| Error::Parse("The request body could not be read."))?;
+        if body.len() + chunk.remaining() > MAX_BODY_BYTES {
+            return Err(Error::PayloadTooLarge);
+        }
+        while chunk.has_remaining() {
+            let part = chunk.chunk();
+            body.extend_from_slice(part);
+            let n = part.len();
+            chunk.advance(n);
+        }
+    }
+    Ok(body.freeze())
+}
+
+/// `application/json`, any case, parameters (such as charset) allowed.
+fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|essence| essence.trim().eq_ignore_ascii_case("application/json"))
+}
