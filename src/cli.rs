@@ -16,7 +16,11 @@ use crate::password::PasswordHasher;
 use crate::store::Store;
 
 #[derive(Debug, Parser)]
-#[command(name = "totpd", version, about = "A TOTP two-factor-authentication server")]
+#[command(
+    name = "totpd",
+    version,
+    about = "A TOTP two-factor-authentication server"
+)]
 struct Cli {
     /// Config file [env: TOTPD_CONFIG] [default: ./config.toml when it exists]
     #[arg(long, global = true, value_name = "PATH")]
@@ -152,7 +156,8 @@ async fn shutdown_signal() {
 }
 
 fn add_user(config: &Config, raw_name: &str, password_stdin: bool) -> Result<(), String> {
-    let name = input::new_username(raw_name).map_err(|e| format!("invalid user name: {}", e.message))?;
+    let name =
+        input::new_username(raw_name).map_err(|e| format!("invalid user name: {}", e.message))?;
     let password = if password_stdin {
         let mut line = String::new();
         std::io::stdin()
@@ -164,9 +169,14 @@ fn add_user(config: &Config, raw_name: &str, password_stdin: bool) -> Result<(),
         rpassword::prompt_password(format!("Password for {name}: "))
             .map_err(|e| format!("cannot read the password: {e}"))?
     };
-    let password = input::new_password(password).map_err(|e| format!("invalid password: {}", e.message))?;
+    let password =
+        input::new_password(password).map_err(|e| format!("invalid password: {}", e.message))?;
     let store = Store::open(&config.data_dir, config.cache_capacity).map_err(|e| e.to_string())?;
-    if store.user_by_name(&name).map_err(|e| e.to_string())?.is_some() {
+    if store
+        .user_by_name(&name)
+        .map_err(|e| e.to_string())?
+        .is_some()
+    {
         return Err(format!("a user named {name:?} already exists"));
     }
     let hasher = PasswordHasher::new(config.argon2, 1).map_err(|e| e.to_string())?;

@@ -113,7 +113,10 @@ pub struct Key {
 
 impl Key {
     pub fn env_var(&self) -> String {
-        format!("{ENV_PREFIX}{}", self.name.replace('.', "_").to_ascii_uppercase())
+        format!(
+            "{ENV_PREFIX}{}",
+            self.name.replace('.', "_").to_ascii_uppercase()
+        )
     }
 }
 
@@ -325,7 +328,11 @@ impl Config {
             Ok(t) => t,
             Err(e) => {
                 let message = e.to_string().replace('\n', " ");
-                return vec![format!("{}: not valid TOML: {}", path.display(), message.trim())];
+                return vec![format!(
+                    "{}: not valid TOML: {}",
+                    path.display(),
+                    message.trim()
+                )];
             }
         };
         let mut flat = Vec::new();
@@ -413,9 +420,8 @@ mod tests {
 
     #[test]
     fn every_problem_is_reported_at_once_naming_key_and_source() {
-        let (_dir, path) = write_config(
-            "colour = \"blue\"\ntemp_token_ttl = \"soon\"\n[totp]\nskew = 9\n",
-        );
+        let (_dir, path) =
+            write_config("colour = \"blue\"\ntemp_token_ttl = \"soon\"\n[totp]\nskew = 9\n");
         let problems = Config::load(
             &flags_for(&path),
             env(&[("TOTPD_ALLOW_REGISTRATION", "maybe"), ("TOTPD_BOGUS", "1")]),
@@ -471,11 +477,16 @@ mod tests {
         for key in KEYS {
             let leaf = key.name.rsplit('.').next().unwrap_or(key.name);
             assert!(
-                text.lines().any(|l| l.trim_start().starts_with(&format!("{leaf} ="))),
+                text.lines()
+                    .any(|l| l.trim_start().starts_with(&format!("{leaf} ="))),
                 "config.toml does not set {}",
                 key.name
             );
-            assert!(text.contains(&key.env_var()), "config.toml does not name {}", key.env_var());
+            assert!(
+                text.contains(&key.env_var()),
+                "config.toml does not name {}",
+                key.env_var()
+            );
         }
         let config = Config::load(&flags_for(&path), env(&[])).expect("sample is valid");
         assert_eq!(config, Config::default());

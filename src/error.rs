@@ -142,9 +142,7 @@ impl Error {
                 Value::Object(body)
             }
             Error::InvalidCode => json!({ "token": ["Invalid code."], "code": code }),
-            Error::InvalidCredentials => {
-                non_field("Unable to log in with provided credentials.")
-            }
+            Error::InvalidCredentials => non_field("Unable to log in with provided credentials."),
             Error::TotpAlreadyActive => non_field("TOTP is already active."),
             Error::TotpNotPending => non_field("No pending TOTP setup: call setup first."),
             Error::TotpNotActive => non_field("TOTP is not active."),
@@ -214,10 +212,7 @@ pub async fn handle_rejection(rejection: warp::Rejection) -> Result<Response, In
         e.clone()
     } else if rejection.is_not_found() {
         Error::NotFound
-    } else if rejection
-        .find::<warp::reject::MethodNotAllowed>()
-        .is_some()
-    {
+    } else if rejection.find::<warp::reject::MethodNotAllowed>().is_some() {
         Error::MethodNotAllowed
     } else if rejection.find::<warp::reject::PayloadTooLarge>().is_some() {
         Error::PayloadTooLarge

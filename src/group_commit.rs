@@ -164,16 +164,16 @@ mod tests {
         let (flushes, acknowledged) = commit.stats();
         assert_eq!(acknowledged, 200);
         assert_eq!(flushes as usize, calls.load(Ordering::SeqCst));
-        assert!(flushes < 200, "200 waiters took {flushes} flushes: no batching");
+        assert!(
+            flushes < 200,
+            "200 waiters took {flushes} flushes: no batching"
+        );
     }
 
     #[tokio::test]
     async fn a_failed_flush_reaches_every_waiter_of_its_batch() {
         let commit = GroupCommit::start(|| Err("disk full".into())).expect("thread starts");
-        assert_eq!(
-            commit.persist().await,
-            Err(FlushError("disk full".into()))
-        );
+        assert_eq!(commit.persist().await, Err(FlushError("disk full".into())));
     }
 
     #[tokio::test]

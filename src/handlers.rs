@@ -28,7 +28,10 @@ fn session(state: &AppState, headers: &HeaderMap) -> Result<Session, Error> {
 pub async fn register(state: AppState, body: Bytes) -> Reply {
     let input = Credentials::for_registration(&body)?;
     let user = state.service.register(input, state.clock.now()).await?;
-    Ok(json_response(StatusCode::CREATED, &json!({ "username": user.username })))
+    Ok(json_response(
+        StatusCode::CREATED,
+        &json!({ "username": user.username }),
+    ))
 }
 
 /// POST /api/v1/auth/login/ {username, password} → 200 {key} or {temp_token, totp_required, expires_in}
@@ -52,7 +55,10 @@ pub async fn login(state: AppState, body: Bytes) -> Reply {
 pub async fn logout(state: AppState, headers: HeaderMap, _body: Bytes) -> Reply {
     let session = session(&state, &headers)?;
     state.service.logout(&session).await?;
-    Ok(json_response(StatusCode::OK, &json!({ "detail": "Logged out." })))
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({ "detail": "Logged out." }),
+    ))
 }
 
 /// GET /api/v1/auth/totp/ (Token) → 200 {active, pending, recovery_codes_remaining}
@@ -90,7 +96,10 @@ pub async fn activate(state: AppState, headers: HeaderMap, body: Bytes) -> Reply
         .service
         .activate(&session, &input.token, state.clock.now())
         .await?;
-    Ok(json_response(StatusCode::OK, &json!({ "recovery_codes": codes })))
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({ "recovery_codes": codes }),
+    ))
 }
 
 /// POST /api/v1/auth/totp/verify/ TOTPVerify {temp_token, token} → 200 TOTPVerifyResponse {key}

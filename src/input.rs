@@ -22,7 +22,9 @@ pub fn json_object(body: &[u8]) -> Result<Map<String, Value>, Error> {
     match serde_json::from_slice::<Value>(body) {
         Ok(Value::Object(map)) => Ok(map),
         Ok(_) => Err(Error::Parse("JSON parse error - expected an object.")),
-        Err(_) => Err(Error::Parse("JSON parse error - the body is not valid JSON.")),
+        Err(_) => Err(Error::Parse(
+            "JSON parse error - the body is not valid JSON.",
+        )),
     }
 }
 
@@ -30,10 +32,16 @@ pub fn json_object(body: &[u8]) -> Result<Map<String, Value>, Error> {
 fn string_field(body: &Map<String, Value>, field: &'static str) -> Result<String, FieldError> {
     match body.get(field) {
         None => Err(FieldError::required(field)),
-        Some(Value::Null) => Err(FieldError::new(field, "This field may not be null.", "null")),
-        Some(Value::String(s)) if s.trim().is_empty() => {
-            Err(FieldError::new(field, "This field may not be blank.", "blank"))
-        }
+        Some(Value::Null) => Err(FieldError::new(
+            field,
+            "This field may not be null.",
+            "null",
+        )),
+        Some(Value::String(s)) if s.trim().is_empty() => Err(FieldError::new(
+            field,
+            "This field may not be blank.",
+            "blank",
+        )),
         Some(Value::String(s)) => Ok(s.clone()),
         Some(_) => Err(FieldError::new(field, "Not a valid string.", "invalid")),
     }
@@ -65,7 +73,11 @@ fn is_deceptive(c: char) -> bool {
 pub fn new_username(raw: &str) -> Result<String, FieldError> {
     let name = normalize_username(raw);
     if name.is_empty() {
-        return Err(FieldError::new("username", "This field may not be blank.", "blank"));
+        return Err(FieldError::new(
+            "username",
+            "This field may not be blank.",
+            "blank",
+        ));
     }
     if name.chars().count() > MAX_USERNAME_CHARS {
         return Err(FieldError::new(
@@ -208,10 +220,16 @@ pub fn login_key(values: &[&[u8]]) -> Result<String, Error> {
     let raw = match values {
         [] => return Err(Error::NotAuthenticated),
         [one] => *one,
-        _ => return Err(Error::AuthenticationFailed("Invalid token header. Send one Authorization header.")),
+        _ => {
+            return Err(Error::AuthenticationFailed(
+                "Invalid token header. Send one Authorization header.",
+            ));
+        }
     };
     let text = std::str::from_utf8(raw).map_err(|_| {
-        Error::AuthenticationFailed("Invalid token header. Token string should not contain invalid characters.")
+        Error::AuthenticationFailed(
+            "Invalid token header. Token string should not contain invalid characters.",
+        )
     })?;
     let mut parts = text.split(' ');
     let scheme = parts.next().unwrap_or_default();
@@ -220,7 +238,9 @@ pub fn login_key(values: &[&[u8]]) -> Result<String, Error> {
     }
     let parts: Vec<&str> = parts.collect();
     match parts.as_slice() {
-        [] | [""] => Err(Error::AuthenticationFailed("Invalid token header. No credentials provided.")),
+        [] | [""] => Err(Error::AuthenticationFailed(
+            "Invalid token header. No credentials provided.",
+        )),
         [key] if key.len() <= MAX_TOKEN_BYTES && key.bytes().all(|b| b.is_ascii_graphic()) => {
             Ok((*key).to_owned())
         }
@@ -247,7 +267,15 @@ mod tests {
     fn empty_body_is_an_empty_object_and_non_objects_are_parse_errors() {
         assert!(json_object(b"").expect("ok").is_empty());
         assert!(json_object(b"  \n").expect("ok").is_empty());
-        for bad in [&b"[]"[..], b"null", b"\"x\"", b"{", b"{\"a\":1}x", b"\xff", b"\xef\xbb\xbf{}"] {
+        for bad in [
+            &b"[]"[..],
+            b"null",
+            b"\"x\"",
+            b"{",
+            b"{\"a\":1}x",
+            b"\xff",
+            b"\xef\xbb\xbf{}",
+        ] {
             assert!(matches!(json_object(bad), Err(Error::Parse(_))), "{bad:?}");
         }
     }
@@ -291,10 +319,20 @@ mod tests {
     #[test]
     fn usernames_are_normalized_and_deceptive_ones_refused() {
         assert_eq!(new_username("  jose\u{301} ").expect("ok"), "jos\u{e9}");
-        for bad in ["", "   ", "admin\u{202E}gnp", "a\u{200B}b", "a\nb", &"x".repeat(151)] {
+        for bad in [
+            "",
+            "   ",
+            "admin\u{202E}gnp",
+            "a\u{200B}b",
+            "a\nb",
+            &"x".repeat(151),
+        ] {
             assert!(new_username(bad).is_err(), "{bad:?}");
         }
-        assert_eq!(new_username("a:b c").expect("colon and space are fine"), "a:b c");
+        assert_eq!(
+            new_username("a:b c").expect("colon and space are fine"),
+            "a:b c"
+        );
     }
 
     #[test]
@@ -315,14 +353,23 @@ mod tests {
         let key = "a".repeat(64);
         let ok = format!("Token {key}");
         assert_eq!(login_key(&[ok.as_bytes()]).expect("ok"), key);
-        assert_eq!(login_key(&[format!("token {key}").as_bytes()]).expect("ok"), key);
+        assert_eq!(
+            login_key(&[format!("token {key}").as_bytes()]).expect("ok"),
+            key
+        );
         assert_eq!(login_key(&[]), Err(Error::NotAuthenticated));
         assert_eq!(login_key(&[b"Bearer abc"]), Err(Error::NotAuthenticated));
         for bad in [&b"Token"[..], b"Token ", b"Token a b", b"Token \xff\xfe"] {
-            assert!(matches!(login_key(&[bad]), Err(Error::AuthenticationFailed(_))), "{bad:?}");
+            assert!(
+                matches!(login_key(&[bad]), Err(Error::AuthenticationFailed(_))),
+                "{bad:?}"
+            );
         }
         let huge = format!("Token {}", "a".repeat(70_000));
-        assert!(matches!(login_key(&[huge.as_bytes()]), Err(Error::AuthenticationFailed(_))));
+        assert!(matches!(
+            login_key(&[huge.as_bytes()]),
+            Err(Error::AuthenticationFailed(_))
+        ));
         assert!(matches!(
             login_key(&[ok.as_bytes(), ok.as_bytes()]),
             Err(Error::AuthenticationFailed(_))

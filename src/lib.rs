@@ -64,8 +64,9 @@ impl AppState {
     pub fn build(config: Config, clock: Arc<dyn Clock>) -> Result<Self, StartError> {
         let hasher = PasswordHasher::new(config.argon2, config.hash_threads())
             .map_err(StartError::Hasher)?;
-        let store =
-            Arc::new(Store::open(&config.data_dir, config.cache_capacity).map_err(StartError::Store)?);
+        let store = Arc::new(
+            Store::open(&config.data_dir, config.cache_capacity).map_err(StartError::Store)?,
+        );
         let policy = Policy {
             issuer: config.issuer.clone(),
             allow_registration: config.allow_registration,

@@ -187,7 +187,10 @@ mod tests {
     fn unknown_versions_and_garbage_are_refused_not_panicked_on() {
         assert_eq!(decode::<User>(&[]), Err(DecodeError::Empty));
         assert_eq!(decode::<User>(&[2, 0]), Err(DecodeError::UnknownVersion(2)));
-        assert_eq!(decode::<User>(&[1, 0xff, 0xff]), Err(DecodeError::Malformed));
+        assert_eq!(
+            decode::<User>(&[1, 0xff, 0xff]),
+            Err(DecodeError::Malformed)
+        );
         // A forged huge length prefix must fail cleanly rather than allocate.
         let forged = [1, 7, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f];
         assert_eq!(decode::<User>(&forged), Err(DecodeError::Malformed));

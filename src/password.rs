@@ -156,20 +156,44 @@ mod tests {
         let b = hasher.hash("correct horse".into()).await.expect("hash");
         assert!(a.starts_with("$argon2id$v=19$m=64,t=1,p=1$"), "{a}");
         assert_ne!(a, b, "salts differ");
-        assert!(hasher.verify("correct horse".into(), Some(a.clone())).await.expect("ran"));
-        assert!(!hasher.verify("wrong horse".into(), Some(a)).await.expect("ran"));
+        assert!(
+            hasher
+                .verify("correct horse".into(), Some(a.clone()))
+                .await
+                .expect("ran")
+        );
+        assert!(
+            !hasher
+                .verify("wrong horse".into(), Some(a))
+                .await
+                .expect("ran")
+        );
     }
 
     #[tokio::test]
     async fn an_unknown_user_checks_the_dummy_and_fails_even_with_its_password() {
         let hasher = cheap();
-        assert!(!hasher.verify("totpd dummy password".into(), None).await.expect("ran"));
-        assert!(!hasher.verify("x".into(), Some("not a phc".into())).await.expect("ran"));
+        assert!(
+            !hasher
+                .verify("totpd dummy password".into(), None)
+                .await
+                .expect("ran")
+        );
+        assert!(
+            !hasher
+                .verify("x".into(), Some("not a phc".into()))
+                .await
+                .expect("ran")
+        );
     }
 
     #[test]
     fn default_parameters_meet_owasp_minimum() {
         let hasher = PasswordHasher::new(Argon2Settings::default(), 1).expect("valid");
-        assert!(hasher.dummy_hash.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"));
+        assert!(
+            hasher
+                .dummy_hash
+                .starts_with("$argon2id$v=19$m=19456,t=2,p=1$")
+        );
     }
 }

@@ -34,24 +34,24 @@ pub fn routes(state: AppState) -> impl Filter<Extract = (impl Reply,), Error = I
     let logout = warp::path!("api" / "v1" / "auth" / "logout")
         .and(warp::post())
         .and(state.clone())
-        .and(headers.clone())
+        .and(headers)
         .and(body.clone())
         .then(handlers::logout);
     let status = warp::path!("api" / "v1" / "auth" / "totp")
         .and(warp::get())
         .and(state.clone())
-        .and(headers.clone())
+        .and(headers)
         .then(handlers::status);
     let setup = warp::path!("api" / "v1" / "auth" / "totp" / "setup")
         .and(warp::post())
         .and(state.clone())
-        .and(headers.clone())
+        .and(headers)
         .and(body.clone())
         .then(handlers::setup);
     let activate = warp::path!("api" / "v1" / "auth" / "totp" / "activate")
         .and(warp::post())
         .and(state.clone())
-        .and(headers.clone())
+        .and(headers)
         .and(body.clone())
         .then(handlers::activate);
     let verify = warp::path!("api" / "v1" / "auth" / "totp" / "verify")

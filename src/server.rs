@@ -76,7 +76,10 @@ pub async fn serve(listener: TcpListener, state: AppState, shutdown: impl Future
 
     drop(listener);
     sweeper.abort();
-    if tokio::time::timeout(DRAIN_DEADLINE, graceful.shutdown()).await.is_err() {
+    if tokio::time::timeout(DRAIN_DEADLINE, graceful.shutdown())
+        .await
+        .is_err()
+    {
         tracing::warn!("requests still in flight after {DRAIN_DEADLINE:?}; stopping anyway");
     }
 }

@@ -270,9 +270,7 @@ impl Service {
                         self.store
                             .complete_login_with_step(&temp, step, &key_digest, now)?
                     }
-                    None if self.store.record_wrong_code(&temp, now)? => {
-                        LoginOutcome::CodeRejected
-                    }
+                    None if self.store.record_wrong_code(&temp, now)? => LoginOutcome::CodeRejected,
                     None => LoginOutcome::InvalidTempToken,
                 }
             }

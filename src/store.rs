@@ -62,8 +62,14 @@ impl From<DecodeError> for StoreError {
 pub enum OpenError {
     /// Another process (a running server) holds the data dir.
     Locked(PathBuf),
-    NewerSchema { found: u64, path: PathBuf },
-    Io { path: PathBuf, cause: String },
+    NewerSchema {
+        found: u64,
+        path: PathBuf,
+    },
+    Io {
+        path: PathBuf,
+        cause: String,
+    },
 }
 
 impl std::fmt::Display for OpenError {
@@ -124,7 +130,11 @@ impl Tx<'_> {
     }
 
     /// The temp token and its user, if the token may still be used at `now`.
-    fn live_temp_token(&self, digest: &Digest, now: UnixTime) -> TxResult<Option<(TempToken, User)>> {
+    fn live_temp_token(
+        &self,
+        digest: &Digest,
+        now: UnixTime,
+    ) -> TxResult<Option<(TempToken, User)>> {
         let Some(token) = self.temp_token(digest)? else {
             return Ok(None);
         };
@@ -217,20 +227,25 @@ impl Store {
             .cache_capacity(cache_capacity)
             .open()
             .map_err(|e| match e {
-                sled::Error::Io(ref io_err) if io_err.to_string().contains("could not acquire lock") => {
+                sled::Error::Io(ref io_err)
+                    if io_err.to_string().contains("could not acquire lock") =>
+                {
                     OpenError::Locked(data_dir.to_path_buf())
                 }
                 other => io(other.to_string()),
             })?;
         check_schema(&db, data_dir)?;
         let tree = |name: &str| db.open_tree(name).map_err(|e| io(e.to_string()));
-        let (users, usernames, keys, temp_tokens) =
-            (tree("users")?, tree("usernames")?, tree("keys")?, tree("temp_tokens")?);
+        let (users, usernames, keys, temp_tokens) = (
+            tree("users")?,
+            tree("usernames")?,
+            tree("keys")?,
+            tree("temp_tokens")?,
+        );
         let flusher = db.clone();
-        let commit = GroupCommit::start(move || {
-            flusher.flush().map(|_| ()).map_err(|e| e.to_string())
-        })
-        .map_err(|e| io(e.to_string()))?;
+        let commit =
+            GroupCommit::start(move || flusher.flush().map(|_| ()).map_err(|e| e.to_string()))
+                .map_err(|e| io(e.to_string()))?;
         Ok(Self {
             db,
             users,
@@ -296,7 +311,8 @@ impl Store {
             if tx.usernames.get(username.as_bytes())?.is_some() {
                 return Ok(Err(UsernameTaken));
             }
-            tx.usernames.insert(username.as_bytes(), &id.to_be_bytes())?;
+            tx.usernames
+                .insert(username.as_bytes(), &id.to_be_bytes())?;
             tx.put_user(&user)?;
             Ok(Ok(user.clone()))
         })
@@ -323,7 +339,12 @@ impl Store {
     }
 
     /// Stores a login key for a user who passed the password step (no TOTP) and notes the login.
-    pub fn issue_key(&self, user_id: UserId, digest: &Digest, now: UnixTime) -> Result<bool, StoreError> {
+    pub fn issue_key(
+        &self,
+        user_id: UserId,
+        digest: &Digest,
+        now: UnixTime,
+    ) -> Result<bool, StoreError> {
         self.transact(|tx| {
             let Some(mut user) = tx.user(user_id)? else {
                 return Ok(false);
@@ -336,7 +357,10 @@ impl Store {
     }
 
     /// The key's record and its user, if the key exists and was not revoked by a newer epoch.
-    pub fn authenticate_key(&self, digest: &Digest) -> Result<Option<(LoginKey, User)>, StoreError> {
+    pub fn authenticate_key(
+        &self,
+        digest: &Digest,
+    ) -> Result<Option<(LoginKey, User)>, StoreError> {
         let Some(bytes) = self.keys.get(digest)? else {
             return Ok(None);
         };
@@ -372,7 +396,12 @@ impl Store {
         for entry in self.temp_tokens.iter() {
             let (digest, bytes) = entry?;
             let expired = decode::<TempToken>(&bytes).map_or(true, |t| t.expires_at <= now);
-            if expired && self.temp_tokens.compare_and_swap(&digest, Some(&bytes), None::<&[u8]>)?.is_ok() {
+            if expired
+                && self
+                    .temp_tokens
+                    .compare_and_swap(&digest, Some(&bytes), None::<&[u8]>)?
+                    .is_ok()
+            {
                 removed += 1;
             }
         }
@@ -380,7 +409,11 @@ impl Store {
     }
 
     /// Replaces the pending secret, unless TOTP is already active.
-    pub fn begin_setup(&self, user_id: UserId, pending: &PendingTotp) -> Result<SetupOutcome, StoreError> {
+    pub fn begin_setup(
+        &self,
+        user_id: UserId,
+        pending: &PendingTotp,
+    ) -> Result<SetupOutcome, StoreError> {
         self.transact(|tx| {
             let Some(mut user) = tx.user(user_id)? else {
                 return Ok(SetupOutcome::AlreadyActive);

@@ -154,7 +154,11 @@ mod tests {
             755224, 287082, 359152, 969429, 338314, 254676, 287922, 162583, 399871, 520489,
         ];
         for (counter, want) in expected.iter().enumerate() {
-            assert_eq!(hotp(RFC_SEED, counter as u64, 6), *want, "counter {counter}");
+            assert_eq!(
+                hotp(RFC_SEED, counter as u64, 6),
+                *want,
+                "counter {counter}"
+            );
         }
     }
 
@@ -187,8 +191,16 @@ mod tests {
         assert_eq!(Code::parse("005 924").map(|c| c.0), Some(*b"005924"));
         assert_eq!(Code::parse(" 005924 ").map(|c| c.0), Some(*b"005924"));
         for bad in [
-            "", "12345", "1234567", "+12345", "-12345", "12345a", "１２３４５６", "٠١٢٣٤٥",
-            "12\t3456", "123456\n",
+            "",
+            "12345",
+            "1234567",
+            "+12345",
+            "-12345",
+            "12345a",
+            "１２３４５６",
+            "٠١٢٣٤٥",
+            "12\t3456",
+            "123456\n",
         ] {
             assert!(Code::parse(bad).is_none(), "{bad:?} must be refused");
         }
@@ -271,7 +283,10 @@ mod tests {
         assert_eq!(query.matches("secret=").count(), 1);
         assert!(!uri.contains('#'));
         let uri = provisioning_uri("Zoë", "josé", &secret);
-        assert!(uri.starts_with("otpauth://totp/Zo%C3%AB:jos%C3%A9?"), "{uri}");
+        assert!(
+            uri.starts_with("otpauth://totp/Zo%C3%AB:jos%C3%A9?"),
+            "{uri}"
+        );
         assert!(uri.contains("&issuer=Zo%C3%AB&"));
     }
 }

@@ -1,0 +1,16 @@
+//! One integration-test binary. Each module starts the real server (in this process, on
+//! 127.0.0.1:0, with its own temp data dir and manual clock) or the real binary, and talks HTTP.
+//! Codes are computed by the independent `totp-rs` crate from the provisioning URI.
+
+mod helpers;
+
+/// Password login, registration, logout, login keys.
+mod auth;
+/// The framework-level errors: 404, 405, 413, 415, parse errors, body-less POSTs, headers.
+mod http;
+/// The binary: CLI, listening line, config errors, restart and kill -9 durability.
+mod process;
+/// Parallel double-spends of temp tokens, time steps, recovery codes and activation.
+mod races;
+/// setup, activate, verify, deactivate and status: the spec's flow and its rules.
+mod totp_flow;
