@@ -17,7 +17,8 @@ use crate::{AppState, handlers};
 pub const MAX_BODY_BYTES: usize = 16 * 1024;
 
 pub fn routes(state: AppState) -> impl Filter<Extract = (impl Reply,), Error = Infallible> + Clone {
-    let body = body(Duration::from_secs(state.config.body_read_timeout));
+    let body_timeout = state.config.body_read_timeout;
+    let body = body(Duration::from_secs(body_timeout));
     let state = warp::any().map(move || state.clone());
     let headers = warp::header::headers_cloned();
 
@@ -66,6 +67,9 @@ pub fn routes(state: AppState) -> impl Filter<Extract = (impl Reply,), Error = I
         .and(body)
         .then(handlers::deactivate);
 
+    #[cfg(feature = "bench")]
+    let register = register.or(baseline(Duration::from_secs(body_timeout)));
+
     register
         .or(login)
         .or(logout)
@@ -75,6 +79,23 @@ pub fn routes(state: AppState) -> impl Filter<Extract = (impl Reply,), Error = I
         .or(verify)
         .or(deactivate)
         .recover(handle_rejection)
+}
+
+/// POST /api/v1/bench/baseline/ — parses the same body as verify and answers a constant, with no
+/// store access: the yardstick benchmarks report every route against (feature `bench` only).
+#[cfg(feature = "bench")]
+fn baseline(timeout: Duration) -> impl Filter<Extract = (impl Reply,), Error = Rejection> + Clone {
+    warp::path!("api" / "v1" / "bench" / "baseline")
+        .and(warp::post())
+        .and(body(timeout))
+        .then(|body: Bytes| async move {
+            crate::input::TotpVerify::parse(&body).map(|_| {
+                crate::error::json_response(
+                    warp::http::StatusCode::OK,
+                    &serde_json::json!({ "key": "baseline" }),
+                )
+            })
+        })
 }
 
 /// The request body, at most `MAX_BODY_BYTES`, read within `timeout`. Works with and without

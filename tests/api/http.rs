@@ -290,3 +290,16 @@ async fn a_slow_body_times_out_with_408() {
     assert_eq!(raw_status(&response), 408, "{response}");
     assert!(response.contains("request_timeout"));
 }
+
+#[cfg(not(feature = "bench"))]
+#[tokio::test]
+async fn the_benchmark_baseline_route_is_absent_from_normal_builds() {
+    let app = spawn_app().await;
+    let response = app
+        .post(
+            "/api/v1/bench/baseline/",
+            &json!({"temp_token": "t", "token": "123456"}),
+        )
+        .await;
+    assert_error(&response, StatusCode::NOT_FOUND, "not_found");
+}
