@@ -7,6 +7,10 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use ipnet::IpNet;
+
+use crate::attempt::LockPolicy;
+use crate::limits::Rate;
 use crate::password::Argon2Settings;
 use crate::totp::MAX_SKEW;
 
@@ -31,10 +35,39 @@ pub struct Config {
     pub max_connections: usize,
     pub header_read_timeout: u64,
     pub body_read_timeout: u64,
+    pub require_code_to_deactivate: bool,
+    pub lockout: LockPolicy,
+    /// Per client IP, for login, register, activate and verify.
+    pub ip_rate: Rate,
+    /// Per username, for failed password logins.
+    pub login_failure_rate: Rate,
+    pub rate_limit_max_entries: usize,
+    pub trusted_proxies: Vec<IpNet>,
+    /// Where the master key lives; `None` means `<data_dir>/master.key`.
+    pub master_key_file: Option<PathBuf>,
+    /// Master keys given directly (base64, comma-separated, the last one seals); wins over the file.
+    pub master_key: Option<String>,
+    pub key_ttl: u64,
+    pub key_idle_ttl: u64,
+    pub audit_retention_days: u64,
 }
 
 impl Config {
     /// `hash_threads` with 0 resolved to the number of CPU cores.
+    pub fn key_lifetime(&self) -> crate::store::KeyLifetime {
+        crate::store::KeyLifetime {
+            absolute: self.key_ttl,
+            idle: self.key_idle_ttl,
+        }
+    }
+
+    /// The master key file, with the default resolved against the data dir.
+    pub fn master_key_path(&self) -> PathBuf {
+        self.master_key_file
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("master.key"))
+    }
+
     pub fn hash_threads(&self) -> usize {
         match self.hash_threads {
             0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
@@ -60,9 +93,28 @@ impl Default for Config {
             max_connections: 1024,
             header_read_timeout: 10,
             body_read_timeout: 10,
+            require_code_to_deactivate: false,
+            lockout: LockPolicy::default(),
+            ip_rate: Rate {
+                per_minute: 30,
+                burst: 10,
+            },
+            login_failure_rate: Rate {
+                per_minute: 30,
+                burst: 10,
+            },
+            rate_limit_max_entries: 100_000,
+            trusted_proxies: Vec::new(),
+            master_key_file: None,
+            master_key: None,
+            key_ttl: 30 * DAY,
+            key_idle_ttl: 7 * DAY,
+            audit_retention_days: 90,
         }
     }
 }
+
+const DAY: u64 = 24 * 60 * 60;
 
 /// A value as found in one source.
 enum Raw<'a> {
@@ -89,6 +141,27 @@ impl Raw<'_> {
             Raw::Env(s) if s.eq_ignore_ascii_case("true") || *s == "1" => Ok(true),
             Raw::Env(s) if s.eq_ignore_ascii_case("false") || *s == "0" => Ok(false),
             _ => Err("must be true or false".into()),
+        }
+    }
+
+    /// A TOML array of strings, or a comma-separated environment value.
+    fn list(&self) -> Result<Vec<String>, String> {
+        match self {
+            Raw::Toml(toml::Value::Array(items)) => items
+                .iter()
+                .map(|v| {
+                    v.as_str()
+                        .map(str::to_owned)
+                        .ok_or("must be a list of strings".to_owned())
+                })
+                .collect(),
+            Raw::Toml(_) => Err("must be a list of strings".into()),
+            Raw::Env(s) => Ok(s
+                .split(',')
+                .map(str::trim)
+                .filter(|x| !x.is_empty())
+                .map(str::to_owned)
+                .collect()),
         }
     }
 
@@ -223,6 +296,136 @@ pub const KEYS: &[Key] = &[
         },
     },
     Key {
+        name: "key_ttl",
+        apply: |c, r| {
+            c.key_ttl = r.integer(60, 10 * 365 * DAY)?;
+            Ok(())
+        },
+    },
+    Key {
+        name: "key_idle_ttl",
+        apply: |c, r| {
+            c.key_idle_ttl = r.integer(60, 10 * 365 * DAY)?;
+            Ok(())
+        },
+    },
+    Key {
+        name: "master_key_file",
+        apply: |c, r| {
+            let s = r.string()?;
+            c.master_key_file = (!s.is_empty()).then(|| PathBuf::from(s));
+            Ok(())
+        },
+    },
+    Key {
+        name: "master_key",
+        apply: |c, r| {
+            let s = r.string()?;
+            if s.trim().is_empty() {
+                c.master_key = None;
+                return Ok(());
+            }
+            for key in s.split(',') {
+                crate::sealing::MasterKey::parse(key)?;
+            }
+            c.master_key = Some(s);
+            Ok(())
+        },
+    },
+    Key {
+        name: "trusted_proxies",
+        apply: |c, r| {
+            c.trusted_proxies = r
+                .list()?
+                .iter()
+                .map(|item| {
+                    item.parse::<IpNet>()
+                        .or_else(|_| item.parse::<std::net::IpAddr>().map(IpNet::from))
+                        .map_err(|_| format!("{item:?} is not an IP address or CIDR network"))
+                })
+                .collect::<Result<_, _>>()?;
+            Ok(())
+        },
+    },
+    Key {
+        name: "audit_retention_days",
+        apply: |c, r| {
+            c.audit_retention_days = r.integer(1, 36_500)?;
+            Ok(())
+        },
+    },
+    Key {
+        name: "rate_limit.per_minute",
+        apply: |c, r| {
+            c.ip_rate.per_minute = r.integer(0, 1_000_000)? as u32;
+            Ok(())
+        },
+    },
+    Key {
+        name: "rate_limit.burst",
+        apply: |c, r| {
+            c.ip_rate.burst = r.integer(1, 1_000_000)? as u32;
+            Ok(())
+        },
+    },
+    Key {
+        name: "rate_limit.login_failures_per_minute",
+        apply: |c, r| {
+            c.login_failure_rate.per_minute = r.integer(0, 1_000_000)? as u32;
+            Ok(())
+        },
+    },
+    Key {
+        name: "rate_limit.login_failures_burst",
+        apply: |c, r| {
+            c.login_failure_rate.burst = r.integer(1, 1_000_000)? as u32;
+            Ok(())
+        },
+    },
+    Key {
+        name: "rate_limit.max_entries",
+        apply: |c, r| {
+            c.rate_limit_max_entries = r.integer(100, 100_000_000)? as usize;
+            Ok(())
+        },
+    },
+    Key {
+        name: "lockout.threshold",
+        apply: |c, r| {
+            c.lockout.threshold = r.integer(1, 100)? as u32;
+            Ok(())
+        },
+    },
+    Key {
+        name: "lockout.base_seconds",
+        apply: |c, r| {
+            c.lockout.base_seconds = r.integer(1, 30 * DAY)?;
+            Ok(())
+        },
+    },
+    Key {
+        name: "lockout.max_seconds",
+        apply: |c, r| {
+            c.lockout.max_seconds = r.integer(1, 365 * DAY)?;
+            Ok(())
+        },
+    },
+    Key {
+        name: "lockout.hard_limit",
+        apply: |c, r| {
+            // NIST SP 800-63B §5.2.2: no more than 100 consecutive failures.
+            c.lockout.hard_limit = r.integer(1, 100)? as u32;
+            Ok(())
+        },
+    },
+    Key {
+        name: "totp.require_code_to_deactivate",
+        apply: |c, r| {
+            c.require_code_to_deactivate = r.boolean()?;
+            Ok(())
+        },
+    },
+    Key {
         name: "totp.skew",
         apply: |c, r| {
             c.totp_skew = r.integer(0, MAX_SKEW)?;
@@ -315,6 +518,9 @@ impl Config {
             }
         }
 
+        if config.lockout.max_seconds < config.lockout.base_seconds {
+            problems.push("lockout.max_seconds must be at least lockout.base_seconds".into());
+        }
         if problems.is_empty() {
             Ok(config)
         } else {
@@ -477,8 +683,11 @@ mod tests {
         for key in KEYS {
             let leaf = key.name.rsplit('.').next().unwrap_or(key.name);
             assert!(
-                text.lines()
-                    .any(|l| l.trim_start().starts_with(&format!("{leaf} ="))),
+                text.lines().any(|l| l
+                    .trim_start()
+                    .trim_start_matches('#')
+                    .trim_start()
+                    .starts_with(&format!("{leaf} ="))),
                 "config.toml does not set {}",
                 key.name
             );

@@ -55,6 +55,11 @@ pub enum Error {
     AuthenticationFailed(&'static str),
     /// 403: `allow_registration` is off.
     RegistrationDisabled,
+    /// 429: too many failed codes; the user is locked for `retry_after` seconds (`None`: until a
+    /// recovery code or an administrator ends it).
+    Locked { retry_after: Option<u64> },
+    /// 429: a rate limit; a token is available in `wait` seconds.
+    Throttled { wait: u64 },
     /// 404
     NotFound,
     /// 405
@@ -89,6 +94,7 @@ impl Error {
             Error::NotAuthenticated
             | Error::AuthenticationFailed(_)
             | Error::RegistrationDisabled => StatusCode::FORBIDDEN,
+            Error::Locked { .. } | Error::Throttled { .. } => StatusCode::TOO_MANY_REQUESTS,
             Error::NotFound => StatusCode::NOT_FOUND,
             Error::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Error::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
@@ -112,6 +118,8 @@ impl Error {
             Error::NotAuthenticated => "not_authenticated",
             Error::AuthenticationFailed(_) => "authentication_failed",
             Error::RegistrationDisabled => "registration_disabled",
+            Error::Locked { .. } => "locked",
+            Error::Throttled { .. } => "throttled",
             Error::NotFound => "not_found",
             Error::MethodNotAllowed => "method_not_allowed",
             Error::RequestTimeout => "request_timeout",
@@ -151,6 +159,17 @@ impl Error {
             Error::NotAuthenticated => detail("Authentication credentials were not provided."),
             Error::AuthenticationFailed(message) => detail(message),
             Error::RegistrationDisabled => detail("Registration is disabled."),
+            Error::Locked {
+                retry_after: Some(seconds),
+            } => detail(&format!(
+                "Too many failed codes: this account is locked. Try again in {seconds} seconds."
+            )),
+            Error::Locked { retry_after: None } => detail(
+                "Too many failed codes: this account is locked until a recovery code is used or an administrator unlocks it.",
+            ),
+            Error::Throttled { wait } => detail(&format!(
+                "Request was throttled. Expected available in {wait} seconds."
+            )),
             Error::NotFound => detail("Not found."),
             Error::MethodNotAllowed => detail("Method not allowed."),
             Error::RequestTimeout => detail("The request body did not arrive in time."),
@@ -174,9 +193,22 @@ impl std::error::Error for Error {}
 
 impl warp::reject::Reject for Error {}
 
+/// `Retry-After` of a lock with no end: a day, so clients back off for long.
+const HARD_LOCK_RETRY_AFTER: u64 = 24 * 60 * 60;
+
 impl Reply for Error {
     fn into_response(self) -> Response {
         let mut response = json_response(self.status(), &self.body());
+        let retry_after = match self {
+            Error::Locked { retry_after } => Some(retry_after.unwrap_or(HARD_LOCK_RETRY_AFTER)),
+            Error::Throttled { wait } => Some(wait),
+            _ => None,
+        };
+        if let Some(seconds) = retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
         if self.status() == StatusCode::METHOD_NOT_ALLOWED {
             // The routes are all POST except the status read.
             response
@@ -233,6 +265,19 @@ mod tests {
     use super::*;
 
     #[test]
+    fn throttled_and_locked_answers_carry_retry_after() {
+        let response = Error::Throttled { wait: 7 }.into_response();
+        assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(response.headers()[header::RETRY_AFTER], "7");
+        assert_eq!(
+            Error::Throttled { wait: 7 }.body(),
+            json!({"detail": "Request was throttled. Expected available in 7 seconds.", "code": "throttled"})
+        );
+        let response = Error::Locked { retry_after: None }.into_response();
+        assert_eq!(response.headers()[header::RETRY_AFTER], "86400");
+    }
+
+    #[test]
     fn field_errors_group_messages_by_field_and_take_the_first_code() {
         let e = Error::Fields(vec![
             FieldError::required("temp_token"),
@@ -263,6 +308,11 @@ mod tests {
             Error::NotAuthenticated,
             Error::AuthenticationFailed("a"),
             Error::RegistrationDisabled,
+            Error::Locked {
+                retry_after: Some(5),
+            },
+            Error::Locked { retry_after: None },
+            Error::Throttled { wait: 3 },
             Error::NotFound,
             Error::MethodNotAllowed,
             Error::RequestTimeout,

@@ -1,5 +1,6 @@
 //! One function per route: raw request parts → typed input (`input`) → use case (`service`) →
-//! JSON response. Handlers never see storage and never read the clock except through `AppState`.
+//! JSON response. Handlers never see storage; they read the clock and the client's address into
+//! a `Ctx` and apply the per-IP throttles.
 
 use bytes::Bytes;
 use serde_json::json;
@@ -8,26 +9,71 @@ use warp::reply::Response;
 
 use crate::AppState;
 use crate::error::{Error, json_response};
-use crate::input::{self, Credentials, TotpActivate, TotpVerify};
-use crate::service::{LoginResult, Session};
+use crate::input::{
+    self, Credentials, PasswordChange, RecoveryCodesRegenerate, TotpActivate, TotpDeactivate,
+    TotpVerify,
+};
+use crate::limits::{Route, client_ip};
+use crate::server::ClientAddr;
+use crate::service::{Ctx, LoginResult, Session};
 
 type Reply = Result<Response, Error>;
 
-/// The session of the `Authorization: Token <key>` header, or the 403 to answer.
-fn session(state: &AppState, headers: &HeaderMap) -> Result<Session, Error> {
-    let values: Vec<&[u8]> = headers
-        .get_all(header::AUTHORIZATION)
-        .iter()
-        .map(|v| v.as_bytes())
-        .collect();
-    let key = input::login_key(&values)?;
-    state.service.authenticate(&key)
+/// The request's headers and the address of the connection it came on.
+pub struct Request {
+    pub peer: Option<ClientAddr>,
+    pub headers: HeaderMap,
+}
+
+impl Request {
+    /// The time and the client's address (from `X-Forwarded-For` only behind a trusted proxy).
+    fn ctx(&self, state: &AppState) -> Ctx {
+        let forwarded: Vec<&str> = self
+            .headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        Ctx {
+            now: state.clock.now(),
+            ip: client_ip(
+                self.peer.map(|p| p.0),
+                &forwarded,
+                &state.config.trusted_proxies,
+            ),
+        }
+    }
+
+    /// The session of the `Authorization: Token <key>` header, or the 403 to answer.
+    fn session(&self, state: &AppState, ctx: &Ctx) -> Result<Session, Error> {
+        let values: Vec<&[u8]> = self
+            .headers
+            .get_all(header::AUTHORIZATION)
+            .iter()
+            .map(|v| v.as_bytes())
+            .collect();
+        let key = input::login_key(&values)?;
+        state.service.authenticate(&key, ctx.now)
+    }
+}
+
+/// Spends one request of the client's budget for `route`, or answers 429.
+fn throttle(state: &AppState, route: Route, ctx: &Ctx) -> Result<(), Error> {
+    match ctx.ip {
+        Some(ip) => state
+            .ip_limits
+            .take(&(route, ip), ctx.now)
+            .map_err(|wait| Error::Throttled { wait }),
+        None => Ok(()),
+    }
 }
 
 /// POST /api/v1/auth/register/ {username, password} → 201 {username}
-pub async fn register(state: AppState, body: Bytes) -> Reply {
+pub async fn register(state: AppState, request: Request, body: Bytes) -> Reply {
+    let ctx = request.ctx(&state);
+    throttle(&state, Route::Register, &ctx)?;
     let input = Credentials::for_registration(&body)?;
-    let user = state.service.register(input, state.clock.now()).await?;
+    let user = state.service.register(input, &ctx).await?;
     Ok(json_response(
         StatusCode::CREATED,
         &json!({ "username": user.username }),
@@ -35,9 +81,11 @@ pub async fn register(state: AppState, body: Bytes) -> Reply {
 }
 
 /// POST /api/v1/auth/login/ {username, password} → 200 {key} or {temp_token, totp_required, expires_in}
-pub async fn login(state: AppState, body: Bytes) -> Reply {
+pub async fn login(state: AppState, request: Request, body: Bytes) -> Reply {
+    let ctx = request.ctx(&state);
+    throttle(&state, Route::Login, &ctx)?;
     let input = Credentials::for_login(&body)?;
-    let body = match state.service.login(input, state.clock.now()).await? {
+    let body = match state.service.login(input, &ctx).await? {
         LoginResult::Key(key) => json!({ "key": key }),
         LoginResult::TotpRequired {
             temp_token,
@@ -52,18 +100,44 @@ pub async fn login(state: AppState, body: Bytes) -> Reply {
 }
 
 /// POST /api/v1/auth/logout/ (Token) → 200; the key stops working.
-pub async fn logout(state: AppState, headers: HeaderMap, _body: Bytes) -> Reply {
-    let session = session(&state, &headers)?;
-    state.service.logout(&session).await?;
+pub async fn logout(state: AppState, request: Request, _body: Bytes) -> Reply {
+    let ctx = request.ctx(&state);
+    let session = request.session(&state, &ctx)?;
+    state.service.logout(&session, &ctx).await?;
     Ok(json_response(
         StatusCode::OK,
         &json!({ "detail": "Logged out." }),
     ))
 }
 
+/// POST /api/v1/auth/logout-all/ (Token) → 200; every key of the user stops working.
+pub async fn logout_all(state: AppState, request: Request, _body: Bytes) -> Reply {
+    let ctx = request.ctx(&state);
+    let session = request.session(&state, &ctx)?;
+    state.service.logout_all(&session, &ctx).await?;
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({ "detail": "Logged out everywhere." }),
+    ))
+}
+
+/// POST /api/v1/auth/password/ (Token) {current_password, new_password} → 200; other keys revoked.
+pub async fn change_password(state: AppState, request: Request, body: Bytes) -> Reply {
+    let ctx = request.ctx(&state);
+    throttle(&state, Route::Login, &ctx)?;
+    let session = request.session(&state, &ctx)?;
+    let input = PasswordChange::parse(&body)?;
+    state.service.change_password(&session, input, &ctx).await?;
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({ "detail": "Password changed." }),
+    ))
+}
+
 /// GET /api/v1/auth/totp/ (Token) → 200 {active, pending, recovery_codes_remaining}
-pub async fn status(state: AppState, headers: HeaderMap) -> Reply {
-    let session = session(&state, &headers)?;
+pub async fn status(state: AppState, request: Request) -> Reply {
+    let ctx = request.ctx(&state);
+    let session = request.session(&state, &ctx)?;
     let status = state.service.status(&session);
     Ok(json_response(
         StatusCode::OK,
@@ -76,9 +150,10 @@ pub async fn status(state: AppState, headers: HeaderMap) -> Reply {
 }
 
 /// POST /api/v1/auth/totp/setup/ (Token) → 201 TOTPSetup {secret_key, provisioning_uri}
-pub async fn setup(state: AppState, headers: HeaderMap, _body: Bytes) -> Reply {
-    let session = session(&state, &headers)?;
-    let setup = state.service.setup(&session, state.clock.now()).await?;
+pub async fn setup(state: AppState, request: Request, _body: Bytes) -> Reply {
+    let ctx = request.ctx(&state);
+    let session = request.session(&state, &ctx)?;
+    let setup = state.service.setup(&session, &ctx).await?;
     Ok(json_response(
         StatusCode::CREATED,
         &json!({
@@ -89,13 +164,12 @@ pub async fn setup(state: AppState, headers: HeaderMap, _body: Bytes) -> Reply {
 }
 
 /// POST /api/v1/auth/totp/activate/ (Token) TOTPActivate {token} → 200 TOTPActivateResponse {recovery_codes}
-pub async fn activate(state: AppState, headers: HeaderMap, body: Bytes) -> Reply {
-    let session = session(&state, &headers)?;
+pub async fn activate(state: AppState, request: Request, body: Bytes) -> Reply {
+    let ctx = request.ctx(&state);
+    throttle(&state, Route::Activate, &ctx)?;
+    let session = request.session(&state, &ctx)?;
     let input = TotpActivate::parse(&body)?;
-    let codes = state
-        .service
-        .activate(&session, &input.token, state.clock.now())
-        .await?;
+    let codes = state.service.activate(&session, &input.token, &ctx).await?;
     Ok(json_response(
         StatusCode::OK,
         &json!({ "recovery_codes": codes }),
@@ -103,9 +177,12 @@ pub async fn activate(state: AppState, headers: HeaderMap, body: Bytes) -> Reply
 }
 
 /// POST /api/v1/auth/totp/verify/ TOTPVerify {temp_token, token} → 200 TOTPVerifyResponse {key}
-pub async fn verify(state: AppState, body: Bytes) -> Reply {
+/// (plus `recovery_codes_remaining` when a recovery code was used)
+pub async fn verify(state: AppState, request: Request, body: Bytes) -> Reply {
+    let ctx = request.ctx(&state);
+    throttle(&state, Route::Verify, &ctx)?;
     let input = TotpVerify::parse(&body)?;
-    let verified = state.service.verify(input, state.clock.now()).await?;
+    let verified = state.service.verify(input, &ctx).await?;
     let body = if verified.recovery_code_used {
         json!({
             "key": verified.key,
@@ -117,12 +194,33 @@ pub async fn verify(state: AppState, body: Bytes) -> Reply {
     Ok(json_response(StatusCode::OK, &body))
 }
 
-/// POST /api/v1/auth/totp/deactivate/ (Token) → 200
-pub async fn deactivate(state: AppState, headers: HeaderMap, _body: Bytes) -> Reply {
-    let session = session(&state, &headers)?;
-    state.service.deactivate(&session).await?;
+/// POST /api/v1/auth/totp/deactivate/ (Token) [{token}] → 200
+pub async fn deactivate(state: AppState, request: Request, body: Bytes) -> Reply {
+    let ctx = request.ctx(&state);
+    let session = request.session(&state, &ctx)?;
+    let input = TotpDeactivate::parse(&body)?;
+    state
+        .service
+        .deactivate(&session, input.token, &ctx)
+        .await?;
     Ok(json_response(
         StatusCode::OK,
         &json!({ "detail": "TOTP deactivated." }),
+    ))
+}
+
+/// POST /api/v1/auth/totp/recovery-codes/ (Token) {token} → 200 {recovery_codes}
+pub async fn recovery_codes(state: AppState, request: Request, body: Bytes) -> Reply {
+    let ctx = request.ctx(&state);
+    throttle(&state, Route::Activate, &ctx)?;
+    let session = request.session(&state, &ctx)?;
+    let input = RecoveryCodesRegenerate::parse(&body)?;
+    let codes = state
+        .service
+        .regenerate_recovery_codes(&session, input.token, &ctx)
+        .await?;
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({ "recovery_codes": codes }),
     ))
 }

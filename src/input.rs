@@ -193,25 +193,88 @@ pub struct TotpVerify {
     pub token: VerifyCode,
 }
 
+/// `token` as a TOTP code or a recovery code.
+fn verify_code_field(body: &Map<String, Value>) -> Result<VerifyCode, FieldError> {
+    code_field(body).and_then(|t| {
+        if let Some(code) = Code::parse(&t) {
+            Ok(VerifyCode::Totp(code))
+        } else if let Some(code) = RecoveryCode::parse(&t) {
+            Ok(VerifyCode::Recovery(code))
+        } else {
+            Err(FieldError::new(
+                "token",
+                "Enter the 6-digit code from your authenticator app or a recovery code.",
+                "invalid",
+            ))
+        }
+    })
+}
+
 impl TotpVerify {
     pub fn parse(body: &[u8]) -> Result<Self, Error> {
         let body = json_object(body)?;
         let temp_token = string_field(&body, "temp_token");
-        let token = code_field(&body).and_then(|t| {
-            if let Some(code) = Code::parse(&t) {
-                Ok(VerifyCode::Totp(code))
-            } else if let Some(code) = RecoveryCode::parse(&t) {
-                Ok(VerifyCode::Recovery(code))
-            } else {
-                Err(FieldError::new(
-                    "token",
-                    "Enter the 6-digit code from your authenticator app or a recovery code.",
-                    "invalid",
-                ))
-            }
-        });
+        let token = verify_code_field(&body);
         let (temp_token, token) = collect(temp_token, token)?;
         Ok(Self { temp_token, token })
+    }
+}
+
+/// Deactivate's optional `{token}` (a spec extension: the spec's deactivate has no body).
+pub struct TotpDeactivate {
+    pub token: Option<VerifyCode>,
+}
+
+impl TotpDeactivate {
+    pub fn parse(body: &[u8]) -> Result<Self, Error> {
+        let body = json_object(body)?;
+        if !body.contains_key("token") {
+            return Ok(Self { token: None });
+        }
+        let token = verify_code_field(&body).map_err(|e| Error::Fields(vec![e]))?;
+        Ok(Self { token: Some(token) })
+    }
+}
+
+/// `{token}` for a new set of recovery codes: a current code or a recovery code.
+pub struct RecoveryCodesRegenerate {
+    pub token: VerifyCode,
+}
+
+impl RecoveryCodesRegenerate {
+    pub fn parse(body: &[u8]) -> Result<Self, Error> {
+        let body = json_object(body)?;
+        let token = verify_code_field(&body).map_err(|e| Error::Fields(vec![e]))?;
+        Ok(Self { token })
+    }
+}
+
+/// `{current_password, new_password}`.
+pub struct PasswordChange {
+    pub current_password: String,
+    pub new_password: String,
+}
+
+impl PasswordChange {
+    pub fn parse(body: &[u8]) -> Result<Self, Error> {
+        let body = json_object(body)?;
+        let current = string_field(&body, "current_password")
+            .and_then(check_password_length)
+            .map_err(|e| FieldError {
+                field: "current_password",
+                ..e
+            });
+        let new = string_field(&body, "new_password")
+            .and_then(new_password)
+            .map_err(|e| FieldError {
+                field: "new_password",
+                ..e
+            });
+        let (current_password, new_password) = collect(current, new)?;
+        Ok(Self {
+            current_password,
+            new_password,
+        })
     }
 }
 

@@ -7,6 +7,7 @@
 //! `main.rs` only calls [`cli::run`]; tests build the same [`AppState`] and call
 //! [`server::serve`] on a port of their own.
 
+pub mod attempt;
 pub mod cli;
 pub mod clock;
 pub mod config;
@@ -14,9 +15,11 @@ pub mod error;
 pub mod group_commit;
 pub mod handlers;
 pub mod input;
+pub mod limits;
 pub mod models;
 pub mod password;
 pub mod routes;
+pub mod sealing;
 pub mod secrets;
 pub mod server;
 pub mod service;
@@ -27,6 +30,7 @@ use std::sync::Arc;
 
 use crate::clock::Clock;
 use crate::config::Config;
+use crate::limits::{Buckets, IpLimits};
 use crate::password::{HashError, PasswordHasher};
 use crate::service::{Policy, Service};
 use crate::store::{OpenError, Store};
@@ -38,6 +42,7 @@ pub struct AppState {
     pub clock: Arc<dyn Clock>,
     pub store: Arc<Store>,
     pub service: Arc<Service>,
+    pub ip_limits: Arc<IpLimits>,
 }
 
 /// Why the server could not be built.
@@ -45,6 +50,7 @@ pub struct AppState {
 pub enum StartError {
     Store(OpenError),
     Hasher(HashError),
+    MasterKey(String),
 }
 
 impl std::fmt::Display for StartError {
@@ -52,6 +58,7 @@ impl std::fmt::Display for StartError {
         match self {
             StartError::Store(e) => e.fmt(f),
             StartError::Hasher(e) => write!(f, "invalid argon2 settings: {e}"),
+            StartError::MasterKey(e) => f.write_str(e),
         }
     }
 }
@@ -67,19 +74,32 @@ impl AppState {
         let store = Arc::new(
             Store::open(&config.data_dir, config.cache_capacity).map_err(StartError::Store)?,
         );
+        let (keyring, _) = sealing::establish(&config, &store).map_err(StartError::MasterKey)?;
         let policy = Policy {
             issuer: config.issuer.clone(),
             allow_registration: config.allow_registration,
             temp_token_ttl: config.temp_token_ttl,
             temp_token_attempts: config.temp_token_attempts,
             totp_skew: config.totp_skew,
+            require_code_to_deactivate: config.require_code_to_deactivate,
+            lockout: config.lockout,
+            key_lifetime: config.key_lifetime(),
         };
-        let service = Arc::new(Service::new(Arc::clone(&store), hasher, policy));
+        let login_failures = Buckets::new(config.login_failure_rate, config.rate_limit_max_entries);
+        let service = Arc::new(Service::new(
+            Arc::clone(&store),
+            hasher,
+            keyring,
+            policy,
+            login_failures,
+        ));
+        let ip_limits = Arc::new(Buckets::new(config.ip_rate, config.rate_limit_max_entries));
         Ok(Self {
             config: Arc::new(config),
             clock,
             store,
             service,
+            ip_limits,
         })
     }
 }

@@ -55,7 +55,24 @@ pub struct PendingTotp {
 /// How a TOTP secret is kept.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum StoredSecret {
+    /// Unsealed: written only by totpd 0.1 before sealing existed; `rotate-key` seals these.
     Plain(Vec<u8>),
+    /// XChaCha20-Poly1305 under the master key `key_id`, with the user id as associated data.
+    Sealed {
+        key_id: [u8; 8],
+        nonce: [u8; 24],
+        ciphertext: Vec<u8>,
+    },
+}
+
+impl StoredSecret {
+    /// The master key this secret is sealed under, if it is sealed.
+    pub fn key_id(&self) -> Option<[u8; 8]> {
+        match self {
+            StoredSecret::Plain(_) => None,
+            StoredSecret::Sealed { key_id, .. } => Some(*key_id),
+        }
+    }
 }
 
 impl std::fmt::Debug for StoredSecret {
@@ -90,6 +107,75 @@ pub struct LoginKey {
     pub epoch: u64,
     pub created_at: UnixTime,
     pub last_used_at: UnixTime,
+}
+
+/// One entry of the audit trail. Never holds a code, key, token, password or secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEvent {
+    pub time: UnixTime,
+    pub kind: EventKind,
+    pub user_id: Option<UserId>,
+    pub username: Option<String>,
+    pub ip: Option<std::net::IpAddr>,
+    /// `ok` or why not: `wrong_code`, `replay`, `locked`, …
+    pub outcome: String,
+}
+
+/// What happened. Append new kinds at the end: the index is what is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EventKind {
+    Login,
+    TempTokenIssued,
+    Verify,
+    ReplayRefused,
+    LockStarted,
+    RecoveryCodeUsed,
+    Setup,
+    Activate,
+    Deactivate,
+    RecoveryCodesRegenerated,
+    KeyRevoked,
+    PasswordChanged,
+    UserCreated,
+    AdminAction,
+}
+
+impl EventKind {
+    pub const ALL: [EventKind; 14] = [
+        EventKind::Login,
+        EventKind::TempTokenIssued,
+        EventKind::Verify,
+        EventKind::ReplayRefused,
+        EventKind::LockStarted,
+        EventKind::RecoveryCodeUsed,
+        EventKind::Setup,
+        EventKind::Activate,
+        EventKind::Deactivate,
+        EventKind::RecoveryCodesRegenerated,
+        EventKind::KeyRevoked,
+        EventKind::PasswordChanged,
+        EventKind::UserCreated,
+        EventKind::AdminAction,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            EventKind::Login => "login",
+            EventKind::TempTokenIssued => "temp_token_issued",
+            EventKind::Verify => "verify",
+            EventKind::ReplayRefused => "replay_refused",
+            EventKind::LockStarted => "lock_started",
+            EventKind::RecoveryCodeUsed => "recovery_code_used",
+            EventKind::Setup => "setup",
+            EventKind::Activate => "activate",
+            EventKind::Deactivate => "deactivate",
+            EventKind::RecoveryCodesRegenerated => "recovery_codes_regenerated",
+            EventKind::KeyRevoked => "key_revoked",
+            EventKind::PasswordChanged => "password_changed",
+            EventKind::UserCreated => "user_created",
+            EventKind::AdminAction => "admin_action",
+        }
+    }
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -181,6 +267,28 @@ mod tests {
              09090909090103030303030303030303030303030303030303030303030303030303030303030003\
              000101c8e3cfaa06"
         );
+    }
+
+    #[test]
+    fn sealed_secrets_and_events_round_trip() {
+        let sealed = StoredSecret::Sealed {
+            key_id: [1; 8],
+            nonce: [2; 24],
+            ciphertext: vec![3; 36],
+        };
+        assert_eq!(decode::<StoredSecret>(&encode(&sealed)), Ok(sealed.clone()));
+        assert_eq!(format!("{sealed:?}"), "StoredSecret(<redacted>)");
+        for kind in EventKind::ALL {
+            let event = AuditEvent {
+                time: 5,
+                kind,
+                user_id: Some(1),
+                username: Some("a".into()),
+                ip: Some([127, 0, 0, 1].into()),
+                outcome: "ok".into(),
+            };
+            assert_eq!(decode::<AuditEvent>(&encode(&event)), Ok(event));
+        }
     }
 
     #[test]

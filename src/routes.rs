@@ -11,6 +11,8 @@ use warp::http::{HeaderMap, header};
 use warp::{Filter, Rejection, Reply};
 
 use crate::error::{Error, handle_rejection};
+use crate::handlers::Request;
+use crate::server::ClientAddr;
 use crate::{AppState, handlers};
 
 /// Largest request body accepted, in bytes.
@@ -20,52 +22,41 @@ pub fn routes(state: AppState) -> impl Filter<Extract = (impl Reply,), Error = I
     let body_timeout = state.config.body_read_timeout;
     let body = body(Duration::from_secs(body_timeout));
     let state = warp::any().map(move || state.clone());
-    let headers = warp::header::headers_cloned();
+    let request = warp::ext::optional::<ClientAddr>()
+        .and(warp::header::headers_cloned())
+        .map(|peer, headers| Request { peer, headers });
+    // POST routes: path, state, request parts, body.
+    let post = |path: warp::filters::BoxedFilter<()>| {
+        path.and(warp::post())
+            .and(state.clone())
+            .and(request)
+            .and(body.clone())
+    };
 
-    let register = warp::path!("api" / "v1" / "auth" / "register")
-        .and(warp::post())
-        .and(state.clone())
-        .and(body.clone())
-        .then(handlers::register);
-    let login = warp::path!("api" / "v1" / "auth" / "login")
-        .and(warp::post())
-        .and(state.clone())
-        .and(body.clone())
-        .then(handlers::login);
-    let logout = warp::path!("api" / "v1" / "auth" / "logout")
-        .and(warp::post())
-        .and(state.clone())
-        .and(headers)
-        .and(body.clone())
-        .then(handlers::logout);
+    let register =
+        post(warp::path!("api" / "v1" / "auth" / "register").boxed()).then(handlers::register);
+    let login = post(warp::path!("api" / "v1" / "auth" / "login").boxed()).then(handlers::login);
+    let logout = post(warp::path!("api" / "v1" / "auth" / "logout").boxed()).then(handlers::logout);
+    let logout_all =
+        post(warp::path!("api" / "v1" / "auth" / "logout-all").boxed()).then(handlers::logout_all);
+    let password = post(warp::path!("api" / "v1" / "auth" / "password").boxed())
+        .then(handlers::change_password);
     let status = warp::path!("api" / "v1" / "auth" / "totp")
         .and(warp::get())
         .and(state.clone())
-        .and(headers)
+        .and(request)
         .then(handlers::status);
-    let setup = warp::path!("api" / "v1" / "auth" / "totp" / "setup")
-        .and(warp::post())
-        .and(state.clone())
-        .and(headers)
-        .and(body.clone())
-        .then(handlers::setup);
-    let activate = warp::path!("api" / "v1" / "auth" / "totp" / "activate")
-        .and(warp::post())
-        .and(state.clone())
-        .and(headers)
-        .and(body.clone())
+    let setup =
+        post(warp::path!("api" / "v1" / "auth" / "totp" / "setup").boxed()).then(handlers::setup);
+    let activate = post(warp::path!("api" / "v1" / "auth" / "totp" / "activate").boxed())
         .then(handlers::activate);
-    let verify = warp::path!("api" / "v1" / "auth" / "totp" / "verify")
-        .and(warp::post())
-        .and(state.clone())
-        .and(body.clone())
-        .then(handlers::verify);
-    let deactivate = warp::path!("api" / "v1" / "auth" / "totp" / "deactivate")
-        .and(warp::post())
-        .and(state)
-        .and(headers)
-        .and(body)
+    let verify =
+        post(warp::path!("api" / "v1" / "auth" / "totp" / "verify").boxed()).then(handlers::verify);
+    let deactivate = post(warp::path!("api" / "v1" / "auth" / "totp" / "deactivate").boxed())
         .then(handlers::deactivate);
+    let recovery_codes =
+        post(warp::path!("api" / "v1" / "auth" / "totp" / "recovery-codes").boxed())
+            .then(handlers::recovery_codes);
 
     #[cfg(feature = "bench")]
     let register = register.or(baseline(Duration::from_secs(body_timeout)));
@@ -73,11 +64,14 @@ pub fn routes(state: AppState) -> impl Filter<Extract = (impl Reply,), Error = I
     register
         .or(login)
         .or(logout)
+        .or(logout_all)
+        .or(password)
         .or(status)
         .or(setup)
         .or(activate)
         .or(verify)
         .or(deactivate)
+        .or(recovery_codes)
         .recover(handle_rejection)
 }
 

@@ -84,17 +84,20 @@ pub async fn serve(listener: TcpListener, state: AppState, shutdown: impl Future
     }
 }
 
-/// Deletes expired temp tokens once a minute so abandoned logins do not pile up.
+/// Once a minute, deletes expired temp tokens and keys and audit events past their retention,
+/// so abandoned logins and old sessions do not pile up.
 async fn sweep_expired(state: AppState) {
     let mut tick = tokio::time::interval(Duration::from_secs(60));
     loop {
         tick.tick().await;
         let now = state.clock.now();
         let store = Arc::clone(&state.store);
-        match tokio::task::spawn_blocking(move || store.sweep_temp_tokens(now)).await {
+        let lifetime = state.config.key_lifetime();
+        let cutoff = now.saturating_sub(state.config.audit_retention_days * 24 * 60 * 60);
+        match tokio::task::spawn_blocking(move || store.sweep(now, lifetime, cutoff)).await {
             Ok(Ok(0)) => {}
-            Ok(Ok(n)) => tracing::debug!(removed = n, "expired temp tokens swept"),
-            Ok(Err(e)) => tracing::warn!(error = %e, "sweeping temp tokens failed"),
+            Ok(Ok(n)) => tracing::debug!(removed = n, "expired records swept"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "sweeping expired records failed"),
             Err(e) => tracing::warn!(error = %e, "the sweeper task failed"),
         }
     }

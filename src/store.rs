@@ -5,7 +5,8 @@
 //! before acknowledging a change.
 //!
 //! Trees: `users` (id → User), `usernames` (name → id), `keys` (digest → LoginKey),
-//! `temp_tokens` (digest → TempToken); the default tree holds the schema version.
+//! `temp_tokens` (digest → TempToken), `audit` (time ‖ sequence → AuditEvent); the default tree
+//! holds the schema version and the master-key check record.
 
 use std::path::{Path, PathBuf};
 
@@ -15,16 +16,20 @@ use sled::transaction::{
     TransactionalTree,
 };
 
+use crate::attempt::{Judgement, LockPolicy, Proof, judge};
 use crate::clock::UnixTime;
 use crate::group_commit::{FlushError, GroupCommit};
 use crate::models::{
-    ActiveTotp, DecodeError, Digest, LoginKey, PendingTotp, StoredSecret, TempToken, User, UserId,
-    decode, encode,
+    ActiveTotp, AuditEvent, DecodeError, Digest, LoginKey, PendingTotp, StoredSecret, TempToken,
+    User, UserId, decode, encode,
 };
 
 /// The layout of trees and keys this binary reads and writes.
 pub const SCHEMA_VERSION: u64 = 1;
 const SCHEMA_KEY: &[u8] = b"schema_version";
+const KEY_CHECK_KEY: &[u8] = b"master_key_check";
+/// `last_used_at` of a key is rewritten at most this often (the idle timeout's precision).
+const KEY_TOUCH_INTERVAL: u64 = 60;
 
 #[derive(Debug)]
 pub enum StoreError {
@@ -185,22 +190,75 @@ pub enum SetupOutcome {
     AlreadyActive,
 }
 
-#[derive(Debug, PartialEq, Eq)]
-pub enum ActivateOutcome {
-    Activated,
-    AlreadyActive,
-    /// No pending secret, or not the one the code was checked against (a newer setup won).
-    NotPending,
+/// A second-factor check that did not succeed, as the user's failure count saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Wrong, replayed or unknown code; counted. `lock_started`: a lock this failure began.
+    Rejected {
+        replay: bool,
+        lock_started: Option<UnixTime>,
+    },
+    /// Not checked: the user is locked until then.
+    Locked { until: UnixTime },
 }
 
-#[derive(Debug, PartialEq, Eq)]
+/// The result of an action guarded by a code (activate, deactivate, regenerate recovery codes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Guarded {
+    Done {
+        recovery_code_used: bool,
+    },
+    Refused(Refusal),
+    /// The state changed under the caller: already active, nothing pending, not active, or a
+    /// different secret than the one the code was checked against.
+    Conflict,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LoginOutcome {
     /// The temp token was consumed and the key stored.
-    LoggedIn { recovery_codes_remaining: usize },
+    LoggedIn {
+        recovery_code_used: bool,
+        recovery_codes_remaining: usize,
+    },
     /// The temp token is unknown, expired, used up, or outdated.
     InvalidTempToken,
-    /// The code's step was already used (or the recovery code was): one attempt spent.
-    CodeRejected,
+    /// The code was refused; a rejection also spent one attempt of the temp token.
+    Refused(Refusal),
+}
+
+fn refusal(judgement: Judgement) -> Option<Refusal> {
+    match judgement {
+        Judgement::Accepted { .. } => None,
+        Judgement::Rejected {
+            replay,
+            lock_started,
+        } => Some(Refusal::Rejected {
+            replay,
+            lock_started,
+        }),
+        Judgement::Locked { until } => Some(Refusal::Locked { until }),
+    }
+}
+
+/// Whether `proof` was computed against the user's current active secret (`expected`); recovery
+/// codes do not depend on the secret.
+fn same_secret(user: &User, proof: &Proof<'_>, expected: &StoredSecret) -> bool {
+    matches!(proof, Proof::Recovery(_)) || user.totp.as_ref().map(|t| &t.secret) == Some(expected)
+}
+
+/// Lifetimes of login keys, in seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyLifetime {
+    pub absolute: u64,
+    pub idle: u64,
+}
+
+impl KeyLifetime {
+    fn alive(&self, key: &LoginKey, now: UnixTime) -> bool {
+        now < key.created_at.saturating_add(self.absolute)
+            && now < key.last_used_at.saturating_add(self.idle)
+    }
 }
 
 pub struct Store {
@@ -209,6 +267,7 @@ pub struct Store {
     usernames: sled::Tree,
     keys: sled::Tree,
     temp_tokens: sled::Tree,
+    audit: sled::Tree,
     commit: GroupCommit,
 }
 
@@ -236,11 +295,12 @@ impl Store {
             })?;
         check_schema(&db, data_dir)?;
         let tree = |name: &str| db.open_tree(name).map_err(|e| io(e.to_string()));
-        let (users, usernames, keys, temp_tokens) = (
+        let (users, usernames, keys, temp_tokens, audit) = (
             tree("users")?,
             tree("usernames")?,
             tree("keys")?,
             tree("temp_tokens")?,
+            tree("audit")?,
         );
         let flusher = db.clone();
         let commit =
@@ -252,6 +312,7 @@ impl Store {
             usernames,
             keys,
             temp_tokens,
+            audit,
             commit,
         })
     }
@@ -286,6 +347,25 @@ impl Store {
                 TransactionError::Abort(e) => e,
                 TransactionError::Storage(e) => StoreError::Sled(e),
             })
+    }
+
+    /// Reads, changes and writes back one user atomically; `None` if there is no such user.
+    /// `change` returns the result and whether to write the user back.
+    fn update_user<T>(
+        &self,
+        user_id: UserId,
+        change: impl Fn(&Tx<'_>, &mut User) -> TxResult<(T, bool)>,
+    ) -> Result<Option<T>, StoreError> {
+        self.transact(|tx| {
+            let Some(mut user) = tx.user(user_id)? else {
+                return Ok(None);
+            };
+            let (result, write) = change(tx, &mut user)?;
+            if write {
+                tx.put_user(&user)?;
+            }
+            Ok(Some(result))
+        })
     }
 
     pub fn create_user(
@@ -338,6 +418,14 @@ impl Store {
         }
     }
 
+    /// Every user, in id order.
+    pub fn users(&self) -> impl Iterator<Item = Result<User, StoreError>> + '_ {
+        self.users
+            .iter()
+            .values()
+            .map(|bytes| Ok(decode::<User>(&bytes?)?))
+    }
+
     /// Stores a login key for a user who passed the password step (no TOTP) and notes the login.
     pub fn issue_key(
         &self,
@@ -345,35 +433,84 @@ impl Store {
         digest: &Digest,
         now: UnixTime,
     ) -> Result<bool, StoreError> {
-        self.transact(|tx| {
-            let Some(mut user) = tx.user(user_id)? else {
-                return Ok(false);
-            };
-            tx.insert_key(digest, &user, now)?;
-            user.last_login = Some(now);
-            tx.put_user(&user)?;
-            Ok(true)
-        })
+        Ok(self
+            .update_user(user_id, |tx, user| {
+                tx.insert_key(digest, user, now)?;
+                user.last_login = Some(now);
+                Ok(((), true))
+            })?
+            .is_some())
     }
 
-    /// The key's record and its user, if the key exists and was not revoked by a newer epoch.
+    /// The key's record and its user, if the key exists, was not revoked by a newer epoch and
+    /// has not outlived `lifetime`. Dead keys are deleted on the way; live ones get their
+    /// last use noted (at most once a minute).
     pub fn authenticate_key(
         &self,
         digest: &Digest,
+        lifetime: KeyLifetime,
+        now: UnixTime,
     ) -> Result<Option<(LoginKey, User)>, StoreError> {
         let Some(bytes) = self.keys.get(digest)? else {
             return Ok(None);
         };
-        let key: LoginKey = decode(&bytes)?;
-        Ok(self
+        let mut key: LoginKey = decode(&bytes)?;
+        let user = self
             .user(key.user_id)?
-            .filter(|user| user.key_epoch == key.epoch)
-            .map(|user| (key, user)))
+            .filter(|user| user.key_epoch == key.epoch);
+        let Some(user) = user.filter(|_| lifetime.alive(&key, now)) else {
+            self.keys
+                .compare_and_swap(digest, Some(&bytes), None::<&[u8]>)?
+                .ok();
+            return Ok(None);
+        };
+        if now >= key.last_used_at.saturating_add(KEY_TOUCH_INTERVAL) {
+            key.last_used_at = now;
+            // Losing this race or this write only makes the idle timeout end sooner.
+            self.keys
+                .compare_and_swap(digest, Some(&bytes), Some(encode(&key)))?
+                .ok();
+        }
+        Ok(Some((key, user)))
     }
 
     /// Deletes a key; false if it did not exist.
     pub fn revoke_key(&self, digest: &Digest) -> Result<bool, StoreError> {
         Ok(self.keys.remove(digest)?.is_some())
+    }
+
+    /// Revokes every key of the user (their records die lazily: the epoch no longer matches),
+    /// except `keep`, which is re-issued under the new epoch. False if there is no such user.
+    pub fn revoke_keys(
+        &self,
+        user_id: UserId,
+        keep: Option<&Digest>,
+        now: UnixTime,
+    ) -> Result<bool, StoreError> {
+        Ok(self
+            .update_user(user_id, |tx, user| {
+                revoke_keys_in(tx, user, keep, now)?;
+                Ok(((), true))
+            })?
+            .is_some())
+    }
+
+    /// Replaces the password hash, kills outstanding temp tokens and revokes every key but `keep`.
+    pub fn change_password(
+        &self,
+        user_id: UserId,
+        password_hash: &str,
+        keep: Option<&Digest>,
+        now: UnixTime,
+    ) -> Result<bool, StoreError> {
+        Ok(self
+            .update_user(user_id, |tx, user| {
+                user.password_hash = password_hash.to_owned();
+                user.stamp += 1;
+                revoke_keys_in(tx, user, keep, now)?;
+                Ok(((), true))
+            })?
+            .is_some())
     }
 
     pub fn issue_temp_token(&self, digest: &Digest, token: &TempToken) -> Result<(), StoreError> {
@@ -390,8 +527,262 @@ impl Store {
         self.transact(|tx| tx.live_temp_token(digest, now))
     }
 
-    /// Deletes temp tokens that have expired; returns how many.
-    pub fn sweep_temp_tokens(&self, now: UnixTime) -> Result<usize, StoreError> {
+    /// Replaces the pending secret, unless TOTP is already active.
+    pub fn begin_setup(
+        &self,
+        user_id: UserId,
+        pending: &PendingTotp,
+    ) -> Result<SetupOutcome, StoreError> {
+        let outcome = self.update_user(user_id, |_, user| {
+            if user.totp.is_some() {
+                return Ok((SetupOutcome::AlreadyActive, false));
+            }
+            user.pending = Some(pending.clone());
+            Ok((SetupOutcome::Started, true))
+        })?;
+        Ok(outcome.unwrap_or(SetupOutcome::AlreadyActive))
+    }
+
+    /// Activation: `proof` is the code's judgement against the pending secret `checked`. On
+    /// success the pending secret becomes `active` (whose `last_step` is the code's step).
+    pub fn activate(
+        &self,
+        user_id: UserId,
+        checked: &StoredSecret,
+        proof: &Proof<'_>,
+        active: &ActiveTotp,
+        policy: &LockPolicy,
+        now: UnixTime,
+    ) -> Result<Guarded, StoreError> {
+        let outcome = self.update_user(user_id, |_, user| {
+            if user.totp.is_some() || user.pending.as_ref().map(|p| &p.secret) != Some(checked) {
+                return Ok((Guarded::Conflict, false));
+            }
+            match refusal(judge(user, proof, policy, now)) {
+                Some(refused) => Ok((Guarded::Refused(refused), true)),
+                None => {
+                    user.pending = None;
+                    user.totp = Some(active.clone());
+                    Ok((
+                        Guarded::Done {
+                            recovery_code_used: false,
+                        },
+                        true,
+                    ))
+                }
+            }
+        })?;
+        Ok(outcome.unwrap_or(Guarded::Conflict))
+    }
+
+    /// Deactivation, optionally guarded by a code (`proof` judged against `expected`): removes
+    /// the secret, the recovery codes and any pending setup, kills outstanding temp tokens and
+    /// revokes every key but `keep`.
+    pub fn deactivate(
+        &self,
+        user_id: UserId,
+        guard: Option<(&Proof<'_>, &StoredSecret)>,
+        policy: &LockPolicy,
+        keep: &Digest,
+        now: UnixTime,
+    ) -> Result<Guarded, StoreError> {
+        let outcome = self.update_user(user_id, |tx, user| {
+            if user.totp.is_none() {
+                return Ok((Guarded::Conflict, false));
+            }
+            let mut recovery_code_used = false;
+            if let Some((proof, expected)) = guard {
+                if !same_secret(user, proof, expected) {
+                    return Ok((Guarded::Conflict, false));
+                }
+                match judge(user, proof, policy, now) {
+                    Judgement::Accepted {
+                        recovery_code_used: r,
+                    } => recovery_code_used = r,
+                    other => return Ok((Guarded::Refused(refusal(other).expect("refused")), true)),
+                }
+            }
+            user.totp = None;
+            user.pending = None;
+            user.stamp += 1;
+            revoke_keys_in(tx, user, Some(keep), now)?;
+            Ok((Guarded::Done { recovery_code_used }, true))
+        })?;
+        Ok(outcome.unwrap_or(Guarded::Conflict))
+    }
+
+    /// Replaces the recovery codes with `hashes` (keyed by `key`), guarded by a code.
+    pub fn regenerate_recovery_codes(
+        &self,
+        user_id: UserId,
+        proof: &Proof<'_>,
+        expected: &StoredSecret,
+        (key, hashes): (&Digest, &[Digest]),
+        policy: &LockPolicy,
+        now: UnixTime,
+    ) -> Result<Guarded, StoreError> {
+        let outcome = self.update_user(user_id, |_, user| {
+            if user.totp.is_none() || !same_secret(user, proof, expected) {
+                return Ok((Guarded::Conflict, false));
+            }
+            match judge(user, proof, policy, now) {
+                Judgement::Accepted { recovery_code_used } => {
+                    if let Some(totp) = user.totp.as_mut() {
+                        totp.recovery_key = *key;
+                        totp.recovery_hashes = hashes.to_vec();
+                    }
+                    Ok((Guarded::Done { recovery_code_used }, true))
+                }
+                other => Ok((Guarded::Refused(refusal(other).expect("refused")), true)),
+            }
+        })?;
+        Ok(outcome.unwrap_or(Guarded::Conflict))
+    }
+
+    /// The second step of a login, in one transaction: `proof` is judged (replay, recovery code
+    /// consumption, failure count, lock); on success the temp token is consumed and the key
+    /// stored; a rejection spends one attempt of the temp token. `expected` is the secret a
+    /// TOTP proof was computed against.
+    pub fn complete_login(
+        &self,
+        temp: &Digest,
+        proof: &Proof<'_>,
+        expected: &StoredSecret,
+        key: &Digest,
+        policy: &LockPolicy,
+        now: UnixTime,
+    ) -> Result<LoginOutcome, StoreError> {
+        self.transact(|tx| {
+            let Some((token, mut user)) = tx.live_temp_token(temp, now)? else {
+                return Ok(LoginOutcome::InvalidTempToken);
+            };
+            if !same_secret(&user, proof, expected) {
+                return Ok(LoginOutcome::InvalidTempToken);
+            }
+            let judgement = judge(&mut user, proof, policy, now);
+            let outcome = match judgement {
+                Judgement::Accepted { recovery_code_used } => {
+                    tx.temp_tokens.remove(temp)?;
+                    tx.insert_key(key, &user, now)?;
+                    user.last_login = Some(now);
+                    LoginOutcome::LoggedIn {
+                        recovery_code_used,
+                        recovery_codes_remaining: user
+                            .totp
+                            .as_ref()
+                            .map_or(0, |t| t.recovery_hashes.len()),
+                    }
+                }
+                Judgement::Rejected { .. } => {
+                    tx.spend_attempt(temp, token)?;
+                    LoginOutcome::Refused(refusal(judgement).expect("refused"))
+                }
+                Judgement::Locked { .. } => {
+                    return Ok(LoginOutcome::Refused(refusal(judgement).expect("refused")));
+                }
+            };
+            tx.put_user(&user)?;
+            Ok(outcome)
+        })
+    }
+
+    /// Clears a user's failure count and lock (administrator action). False if no such user.
+    pub fn unlock(&self, user_id: UserId) -> Result<bool, StoreError> {
+        Ok(self
+            .update_user(user_id, |_, user| {
+                user.failures = Default::default();
+                Ok(((), true))
+            })?
+            .is_some())
+    }
+
+    /// Re-seals every stored secret with `reseal`, which returns `None` for secrets already
+    /// sealed under the current key. One transaction per user. Returns how many changed.
+    pub fn reseal_all<E>(
+        &self,
+        reseal: impl Fn(UserId, &StoredSecret) -> Result<Option<StoredSecret>, E>,
+    ) -> Result<Result<usize, E>, StoreError> {
+        let mut changed = 0;
+        for entry in self.users.iter().keys() {
+            let id = UserId::from_be_bytes(
+                entry?
+                    .as_ref()
+                    .try_into()
+                    .map_err(|_| StoreError::Corrupt("user key".into()))?,
+            );
+            let result = self.update_user(id, |_, user| {
+                let mut touched = false;
+                if let Some(totp) = user.totp.as_mut() {
+                    match reseal(id, &totp.secret) {
+                        Ok(Some(sealed)) => {
+                            totp.secret = sealed;
+                            touched = true;
+                        }
+                        Ok(None) => {}
+                        Err(e) => return Ok((Err(e), false)),
+                    }
+                }
+                if let Some(pending) = user.pending.as_mut() {
+                    match reseal(id, &pending.secret) {
+                        Ok(Some(sealed)) => {
+                            pending.secret = sealed;
+                            touched = true;
+                        }
+                        Ok(None) => {}
+                        Err(e) => return Ok((Err(e), false)),
+                    }
+                }
+                Ok((Ok(touched), touched))
+            })?;
+            match result {
+                Some(Ok(true)) => changed += 1,
+                Some(Err(e)) => return Ok(Err(e)),
+                _ => {}
+            }
+        }
+        Ok(Ok(changed))
+    }
+
+    /// The sealed record that proves which master key this data dir uses.
+    pub fn master_key_check(&self) -> Result<Option<StoredSecret>, StoreError> {
+        match self.db.get(KEY_CHECK_KEY)? {
+            Some(bytes) => Ok(Some(decode(&bytes)?)),
+            None => Ok(None),
+        }
+    }
+
+    pub fn set_master_key_check(&self, check: &StoredSecret) -> Result<(), StoreError> {
+        self.db.insert(KEY_CHECK_KEY, encode(check))?;
+        Ok(())
+    }
+
+    /// Appends an event to the audit trail (durable with the next `persist`).
+    pub fn record_event(&self, event: &AuditEvent) -> Result<(), StoreError> {
+        let mut key = event.time.to_be_bytes().to_vec();
+        key.extend_from_slice(&self.db.generate_id()?.to_be_bytes());
+        self.audit.insert(key, encode(event))?;
+        Ok(())
+    }
+
+    /// Events from `since` on, oldest first.
+    pub fn events(
+        &self,
+        since: UnixTime,
+    ) -> impl Iterator<Item = Result<AuditEvent, StoreError>> + '_ {
+        self.audit
+            .range(since.to_be_bytes()..)
+            .values()
+            .map(|bytes| Ok(decode::<AuditEvent>(&bytes?)?))
+    }
+
+    /// Deletes what has outlived its use: expired temp tokens, dead keys, and audit events
+    /// older than `audit_cutoff`. Returns how many records went.
+    pub fn sweep(
+        &self,
+        now: UnixTime,
+        lifetime: KeyLifetime,
+        audit_cutoff: UnixTime,
+    ) -> Result<usize, StoreError> {
         let mut removed = 0;
         for entry in self.temp_tokens.iter() {
             let (digest, bytes) = entry?;
@@ -405,153 +796,60 @@ impl Store {
                 removed += 1;
             }
         }
+        for entry in self.keys.iter() {
+            let (digest, bytes) = entry?;
+            let dead = match decode::<LoginKey>(&bytes) {
+                Ok(key) => {
+                    !lifetime.alive(&key, now)
+                        || self
+                            .user(key.user_id)?
+                            .is_none_or(|u| u.key_epoch != key.epoch)
+                }
+                Err(_) => true,
+            };
+            if dead
+                && self
+                    .keys
+                    .compare_and_swap(&digest, Some(&bytes), None::<&[u8]>)?
+                    .is_ok()
+            {
+                removed += 1;
+            }
+        }
+        for entry in self.audit.range(..audit_cutoff.to_be_bytes()) {
+            let (key, _) = entry?;
+            self.audit.remove(key)?;
+            removed += 1;
+        }
         Ok(removed)
-    }
-
-    /// Replaces the pending secret, unless TOTP is already active.
-    pub fn begin_setup(
-        &self,
-        user_id: UserId,
-        pending: &PendingTotp,
-    ) -> Result<SetupOutcome, StoreError> {
-        self.transact(|tx| {
-            let Some(mut user) = tx.user(user_id)? else {
-                return Ok(SetupOutcome::AlreadyActive);
-            };
-            if user.totp.is_some() {
-                return Ok(SetupOutcome::AlreadyActive);
-            }
-            user.pending = Some(pending.clone());
-            tx.put_user(&user)?;
-            Ok(SetupOutcome::Started)
-        })
-    }
-
-    /// Promotes the pending secret `checked` (the one the code was verified against) to active,
-    /// with `active.last_step` as the consumed step of the activating code.
-    pub fn activate(
-        &self,
-        user_id: UserId,
-        checked: &StoredSecret,
-        active: &ActiveTotp,
-    ) -> Result<ActivateOutcome, StoreError> {
-        self.transact(|tx| {
-            let Some(mut user) = tx.user(user_id)? else {
-                return Ok(ActivateOutcome::NotPending);
-            };
-            if user.totp.is_some() {
-                return Ok(ActivateOutcome::AlreadyActive);
-            }
-            if user.pending.as_ref().map(|p| &p.secret) != Some(checked) {
-                return Ok(ActivateOutcome::NotPending);
-            }
-            user.pending = None;
-            user.totp = Some(active.clone());
-            tx.put_user(&user)?;
-            Ok(ActivateOutcome::Activated)
-        })
-    }
-
-    /// Removes the secret, the recovery codes and any pending setup, and kills outstanding temp
-    /// tokens. False if TOTP was not active.
-    pub fn deactivate(&self, user_id: UserId) -> Result<bool, StoreError> {
-        self.transact(|tx| {
-            let Some(mut user) = tx.user(user_id)? else {
-                return Ok(false);
-            };
-            if user.totp.is_none() {
-                return Ok(false);
-            }
-            user.totp = None;
-            user.pending = None;
-            user.stamp += 1;
-            tx.put_user(&user)?;
-            Ok(true)
-        })
-    }
-
-    /// Second step of a login with a TOTP code whose matched step is `step`: in one transaction,
-    /// the temp token is consumed, the user's last step advances to `step` (only if it is later),
-    /// and the key is stored. A replayed step spends one attempt of the token instead.
-    pub fn complete_login_with_step(
-        &self,
-        temp: &Digest,
-        step: u64,
-        key: &Digest,
-        now: UnixTime,
-    ) -> Result<LoginOutcome, StoreError> {
-        self.transact(|tx| {
-            let Some((token, mut user)) = tx.live_temp_token(temp, now)? else {
-                return Ok(LoginOutcome::InvalidTempToken);
-            };
-            let Some(totp) = user.totp.as_mut() else {
-                return Ok(LoginOutcome::InvalidTempToken);
-            };
-            if step <= totp.last_step {
-                tx.spend_attempt(temp, token)?;
-                return Ok(LoginOutcome::CodeRejected);
-            }
-            totp.last_step = step;
-            let recovery_codes_remaining = totp.recovery_hashes.len();
-            tx.temp_tokens.remove(temp)?;
-            tx.insert_key(key, &user, now)?;
-            user.last_login = Some(now);
-            tx.put_user(&user)?;
-            Ok(LoginOutcome::LoggedIn {
-                recovery_codes_remaining,
-            })
-        })
-    }
-
-    /// Second step of a login with a recovery code: consumes the temp token and the code (if the
-    /// user still has it) and stores the key, in one transaction. An unknown or used code spends
-    /// one attempt of the token.
-    pub fn complete_login_with_recovery_code(
-        &self,
-        temp: &Digest,
-        code_hash: impl Fn(&Digest) -> Digest,
-        key: &Digest,
-        now: UnixTime,
-    ) -> Result<LoginOutcome, StoreError> {
-        self.transact(|tx| {
-            let Some((token, mut user)) = tx.live_temp_token(temp, now)? else {
-                return Ok(LoginOutcome::InvalidTempToken);
-            };
-            let Some(totp) = user.totp.as_mut() else {
-                return Ok(LoginOutcome::InvalidTempToken);
-            };
-            let hash = code_hash(&totp.recovery_key);
-            let Some(index) = totp.recovery_hashes.iter().position(|h| *h == hash) else {
-                tx.spend_attempt(temp, token)?;
-                return Ok(LoginOutcome::CodeRejected);
-            };
-            totp.recovery_hashes.swap_remove(index);
-            let recovery_codes_remaining = totp.recovery_hashes.len();
-            tx.temp_tokens.remove(temp)?;
-            tx.insert_key(key, &user, now)?;
-            user.last_login = Some(now);
-            tx.put_user(&user)?;
-            Ok(LoginOutcome::LoggedIn {
-                recovery_codes_remaining,
-            })
-        })
-    }
-
-    /// A wrong code at verify: spends one attempt of the temp token. False if it was not live.
-    pub fn record_wrong_code(&self, temp: &Digest, now: UnixTime) -> Result<bool, StoreError> {
-        self.transact(|tx| match tx.live_temp_token(temp, now)? {
-            Some((token, _)) => {
-                tx.spend_attempt(temp, token)?;
-                Ok(true)
-            }
-            None => Ok(false),
-        })
     }
 
     /// Bytes the data dir's sled files take.
     pub fn size_on_disk(&self) -> Result<u64, StoreError> {
         Ok(self.db.size_on_disk()?)
     }
+}
+
+/// Moves the user to a new key epoch (every key issued before stops working) and re-issues
+/// `keep` under it.
+fn revoke_keys_in(
+    tx: &Tx<'_>,
+    user: &mut User,
+    keep: Option<&Digest>,
+    now: UnixTime,
+) -> TxResult<()> {
+    user.key_epoch += 1;
+    if let Some(digest) = keep {
+        if let Some(bytes) = tx.keys.get(digest)? {
+            let mut key: LoginKey = decode(&bytes).map_err(corrupt)?;
+            if key.user_id == user.id {
+                key.epoch = user.key_epoch;
+                key.last_used_at = now;
+                tx.keys.insert(digest, encode(&key))?;
+            }
+        }
+    }
+    Ok(())
 }
 
 fn create_private_dir(dir: &Path) -> std::io::Result<()> {

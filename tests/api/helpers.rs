@@ -10,7 +10,9 @@ use totp_rs::Totp;
 use totpd::AppState;
 use totpd::clock::ManualClock;
 use totpd::config::Config;
+use totpd::limits::Rate;
 use totpd::password::Argon2Settings;
+use totpd::service::Ctx;
 
 /// A Unix time in the middle of a 30 s step, so ±1 step is unambiguous.
 pub const START: u64 = 1_800_000_015;
@@ -35,11 +37,19 @@ pub fn cheap_argon2() -> Argon2Settings {
     }
 }
 
+/// Limits off: tests that are about them turn them on.
+pub const NO_LIMIT: Rate = Rate {
+    per_minute: 0,
+    burst: 10,
+};
+
 pub fn test_config(dir: &TempDir) -> Config {
     Config {
         data_dir: dir.path().join("data"),
         argon2: cheap_argon2(),
         hash_threads: 2,
+        ip_rate: NO_LIMIT,
+        login_failure_rate: NO_LIMIT,
         ..Config::default()
     }
 }
@@ -151,7 +161,14 @@ impl TestApp {
     pub async fn create_user(&self, username: &str, password: &str) {
         self.state
             .service
-            .create_user(username, password.to_owned(), self.clock_now())
+            .create_user(
+                username,
+                password.to_owned(),
+                &Ctx {
+                    now: self.clock_now(),
+                    ip: None,
+                },
+            )
             .await
             .expect("user created");
     }

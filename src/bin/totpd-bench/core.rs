@@ -1,0 +1,162 @@
+//! The TOTP core on its own: criterion times one verification (±1 step, from the code as typed)
+//! by totpd's `totp::verify` and by the `totp-rs` crate in the same process, for a valid code of
+//! the current step and for a wrong code. A third line times the change proposed in
+//! BENCHMARKS.md (HMAC key set up once per verification, digits without a heap allocation).
+
+use std::hint::black_box;
+use std::path::Path;
+use std::time::Duration;
+
+use criterion::Criterion;
+use hmac::{Hmac, Mac};
+use sha1::Sha1;
+use subtle::ConstantTimeEq;
+use totp_rs::{Algorithm, TOTP};
+use totpd::totp::{self, Code, DIGITS, PERIOD, Secret};
+
+/// Median nanoseconds per verification.
+#[derive(Debug, Clone, Copy)]
+pub struct CoreResult {
+    pub totpd_valid: f64,
+    pub totp_rs_valid: f64,
+    pub proposed_valid: f64,
+    pub totpd_wrong: f64,
+    pub totp_rs_wrong: f64,
+    pub proposed_wrong: f64,
+}
+
+impl CoreResult {
+    pub fn rows(&self) -> [(&'static str, f64, f64, f64); 2] {
+        [
+            (
+                "valid code",
+                self.totpd_valid,
+                self.totp_rs_valid,
+                self.proposed_valid,
+            ),
+            (
+                "wrong code",
+                self.totpd_wrong,
+                self.totp_rs_wrong,
+                self.proposed_wrong,
+            ),
+        ]
+    }
+}
+
+/// The proposed verification: same window, same constant-time comparison of every candidate.
+fn proposed_verify(secret: &[u8], typed: &str, now: u64, skew: u64) -> Option<u64> {
+    let mut code = [0u8; DIGITS];
+    let mut n = 0;
+    for b in typed.bytes().filter(|b| *b != b' ') {
+        if !b.is_ascii_digit() || n == DIGITS {
+            return None;
+        }
+        code[n] = b;
+        n += 1;
+    }
+    if n != DIGITS {
+        return None;
+    }
+    let keyed = Hmac::<Sha1>::new_from_slice(secret).ok()?;
+    let current = now / PERIOD;
+    let mut matched = None;
+    for step in current.saturating_sub(skew)..=current.saturating_add(skew) {
+        let mut mac = keyed.clone();
+        mac.update(&step.to_be_bytes());
+        let digest = mac.finalize().into_bytes();
+        let offset = usize::from(digest[19] & 0x0f);
+        let mut value = u32::from_be_bytes([
+            digest[offset],
+            digest[offset + 1],
+            digest[offset + 2],
+            digest[offset + 3],
+        ]) & 0x7fff_ffff;
+        let mut candidate = [b'0'; DIGITS];
+        for digit in candidate.iter_mut().rev() {
+            *digit = b'0' + (value % 10) as u8;
+            value /= 10;
+        }
+        if bool::from(candidate.ct_eq(&code)) {
+            matched = Some(step);
+        }
+    }
+    matched
+}
+
+fn totpd_verify(secret: &Secret, typed: &str, now: u64) -> Option<u64> {
+    Code::parse(typed).and_then(|code| totp::verify(secret, &code, now, 1))
+}
+
+pub fn run(dir: &Path, quick: bool) -> Result<CoreResult, String> {
+    let bytes = totpd::secrets::random_bytes::<{ totp::SECRET_LEN }>()
+        .map_err(|e| e.to_string())?
+        .to_vec();
+    let secret = Secret::from_bytes(bytes.clone());
+    let rs = TOTP::new(Algorithm::SHA1, 6, 1, 30, bytes.clone(), None, "bench".into())
+        .map_err(|e| format!("totp-rs: {e}"))?;
+    let now: u64 = 1_700_000_015;
+    let valid = totp::code_at(&secret, totp::step_at(now)).as_str().to_owned();
+    let window: Vec<String> = (totp::step_at(now) - 1..=totp::step_at(now) + 1)
+        .map(|s| totp::code_at(&secret, s).as_str().to_owned())
+        .collect();
+    let wrong = (0..1_000_000u32)
+        .map(|n| format!("{n:06}"))
+        .find(|c| !window.contains(c))
+        .ok_or("no wrong code")?;
+
+    // The three must agree before their speed means anything.
+    for code in [&valid, &wrong] {
+        let a = totpd_verify(&secret, code, now);
+        let b = rs.check(code, now);
+        let c = proposed_verify(&bytes, code, now, 1);
+        if a != b || a != c {
+            return Err(format!(
+                "implementations disagree on {code}: {a:?} {b:?} {c:?}"
+            ));
+        }
+    }
+
+    let (warm_up, measure, samples) = if quick {
+        (Duration::from_millis(300), Duration::from_millis(700), 20)
+    } else {
+        (Duration::from_secs(1), Duration::from_secs(3), 50)
+    };
+    let mut criterion = Criterion::default()
+        .output_directory(dir)
+        .warm_up_time(warm_up)
+        .measurement_time(measure)
+        .sample_size(samples)
+        .without_plots();
+    let mut group = criterion.benchmark_group("totp_verify");
+    for (label, code) in [("valid", &valid), ("wrong", &wrong)] {
+        group.bench_function(format!("totpd_{label}"), |b| {
+            b.iter(|| totpd_verify(black_box(&secret), black_box(code), black_box(now)))
+        });
+        group.bench_function(format!("totp-rs_{label}"), |b| {
+            b.iter(|| black_box(&rs).check(black_box(code), black_box(now)))
+        });
+        group.bench_function(format!("proposed_{label}"), |b| {
+            b.iter(|| proposed_verify(black_box(&bytes), black_box(code), black_box(now), 1))
+        });
+    }
+    group.finish();
+
+    let median = |id: &str| -> Result<f64, String> {
+        let path = dir.join("totp_verify").join(id).join("new/estimates.json");
+        let text =
+            std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| e.to_string())?;
+        json["median"]["point_estimate"]
+            .as_f64()
+            .ok_or_else(|| format!("{}: no median", path.display()))
+    };
+    Ok(CoreResult {
+        totpd_valid: median("totpd_valid")?,
+        totp_rs_valid: median("totp-rs_valid")?,
+        proposed_valid: median("proposed_valid")?,
+        totpd_wrong: median("totpd_wrong")?,
+        totp_rs_wrong: median("totp-rs_wrong")?,
+        proposed_wrong: median("proposed_wrong")?,
+    })
+}

@@ -1,0 +1,239 @@
+//! What each endpoint scenario sends: one request source per worker, drawing on the prepared
+//! data. Codes are computed when the request is made, from the harness's own clock (the
+//! server's clock: same machine).
+
+use hyper::{Method, StatusCode};
+use totpd::clock::{Clock, SystemClock};
+use totpd::totp::{self, PERIOD, Secret};
+
+use crate::load::{Req, Source};
+use crate::seed::{self, MainData, Pool, ValidUser};
+
+const VERIFY: &str = "/api/v1/auth/totp/verify/";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    Baseline,
+    Login,
+    Status,
+    Setup,
+    Activate,
+    VerifyValid,
+    VerifyRecovery,
+    VerifyWrong,
+}
+
+impl Endpoint {
+    pub const ALL: [Endpoint; 8] = [
+        Endpoint::Baseline,
+        Endpoint::Login,
+        Endpoint::Status,
+        Endpoint::Setup,
+        Endpoint::Activate,
+        Endpoint::VerifyValid,
+        Endpoint::VerifyRecovery,
+        Endpoint::VerifyWrong,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Endpoint::Baseline => "baseline",
+            Endpoint::Login => "login",
+            Endpoint::Status => "status",
+            Endpoint::Setup => "setup",
+            Endpoint::Activate => "activate",
+            Endpoint::VerifyValid => "verify_valid",
+            Endpoint::VerifyRecovery => "verify_recovery",
+            Endpoint::VerifyWrong => "verify_wrong",
+        }
+    }
+
+    /// Whether a successful request of this kind is acknowledged only after a flush to disk.
+    pub fn durable(self) -> bool {
+        !matches!(self, Endpoint::Baseline | Endpoint::Status)
+    }
+
+    pub fn route(self) -> &'static str {
+        match self {
+            Endpoint::Baseline => "POST /api/v1/bench/baseline/",
+            Endpoint::Login => "POST /api/v1/auth/login/",
+            Endpoint::Status => "GET /api/v1/auth/totp/",
+            Endpoint::Setup => "POST /api/v1/auth/totp/setup/",
+            Endpoint::Activate => "POST /api/v1/auth/totp/activate/",
+            Endpoint::VerifyValid | Endpoint::VerifyRecovery | Endpoint::VerifyWrong => {
+                "POST /api/v1/auth/totp/verify/"
+            }
+        }
+    }
+}
+
+fn verify_body(temp_token: &str, code: &str) -> String {
+    format!(r#"{{"temp_token":"{temp_token}","token":"{code}"}}"#)
+}
+
+/// One request source per worker for `endpoint` at `concurrency`.
+pub fn sources(endpoint: Endpoint, data: &MainData, concurrency: usize) -> Vec<Source> {
+    (0..concurrency)
+        .map(|worker| source(endpoint, data, worker))
+        .collect()
+}
+
+fn source(endpoint: Endpoint, data: &MainData, worker: usize) -> Source {
+    match endpoint {
+        Endpoint::Baseline => {
+            // The same body shape and size as a verify.
+            let body = verify_body("bench-baseline-temp-token-of-43-characters-", "123456");
+            Box::new(move || {
+                Some(Req::post(
+                    "/api/v1/bench/baseline/",
+                    body.clone(),
+                    StatusCode::OK,
+                ))
+            })
+        }
+        Endpoint::Login => {
+            let name = &data.login[worker % data.login.len()];
+            let body = format!(
+                r#"{{"username":"{name}","password":"{}"}}"#,
+                seed::PASSWORD
+            );
+            Box::new(move || {
+                Some(Req::post(
+                    "/api/v1/auth/login/",
+                    body.clone(),
+                    StatusCode::OK,
+                ))
+            })
+        }
+        Endpoint::Status => {
+            let key = data.status_keys[worker % data.status_keys.len()].clone();
+            Box::new(move || {
+                Some(Req {
+                    method: Method::GET,
+                    path: "/api/v1/auth/totp/",
+                    key: Some(key.clone()),
+                    body: Default::default(),
+                    expect: StatusCode::OK,
+                })
+            })
+        }
+        Endpoint::Setup => {
+            let key = data.setup_keys[worker % data.setup_keys.len()].clone();
+            Box::new(move || {
+                Some(
+                    Req::post("/api/v1/auth/totp/setup/", String::new(), StatusCode::CREATED)
+                        .with_key(&key),
+                )
+            })
+        }
+        Endpoint::Activate => {
+            let pool = data.activate.clone();
+            Box::new(move || {
+                let user = seed::take(&pool)?;
+                let step = totp::step_at(SystemClock.now());
+                let code = totp::code_at(&user.secret, step);
+                let body = format!(r#"{{"token":"{}"}}"#, code.as_str());
+                Some(
+                    Req::post("/api/v1/auth/totp/activate/", body, StatusCode::OK)
+                        .with_key(&user.key),
+                )
+            })
+        }
+        Endpoint::VerifyValid => valid_source(data.valid.clone()),
+        Endpoint::VerifyRecovery => {
+            let pool = data.recovery.clone();
+            let mut current = None;
+            Box::new(move || {
+                loop {
+                    let user: &mut seed::RecoveryUser = match &mut current {
+                        Some(user) => user,
+                        None => current.insert(seed::take(&pool)?),
+                    };
+                    match (user.tokens.pop(), user.codes.pop()) {
+                        (Some(token), Some(code)) => {
+                            return Some(Req::post(
+                                VERIFY,
+                                verify_body(&token, &code),
+                                StatusCode::OK,
+                            ));
+                        }
+                        _ => current = None,
+                    }
+                }
+            })
+        }
+        Endpoint::VerifyWrong => {
+            let pool = data.wrong.clone();
+            let mut current = None;
+            let mut sent = 0;
+            Box::new(move || {
+                if sent == seed::WRONG_PER_TOKEN {
+                    current = None;
+                }
+                let token: &mut seed::WrongToken = match &mut current {
+                    Some(token) => token,
+                    None => {
+                        sent = 0;
+                        current.insert(seed::take(&pool)?)
+                    }
+                };
+                sent += 1;
+                let code = wrong_code(&token.secret);
+                Some(Req::post(
+                    VERIFY,
+                    verify_body(&token.token, &code),
+                    StatusCode::BAD_REQUEST,
+                ))
+            })
+        }
+    }
+}
+
+/// Verify with valid codes. A worker takes a user and sends the codes of the steps still fresh
+/// for it, oldest first (now-1, now, now+1: all inside the ±1 window), one prepared temp token
+/// each, then takes the next user.
+pub fn valid_source(pool: Pool<ValidUser>) -> Source {
+    let mut current: Option<ValidUser> = None;
+    Box::new(move || {
+        loop {
+            let user = match &mut current {
+                Some(user) => user,
+                None => current.insert(seed::take(&pool)?),
+            };
+            let now = SystemClock.now();
+            let step = totp::step_at(now);
+            // now-1 stops being valid at the next step boundary: not used in the last 3 s.
+            let oldest = if now % PERIOD < PERIOD - 3 {
+                step - 1
+            } else {
+                step
+            };
+            let next = (user.last_step + 1).max(oldest);
+            match user.tokens.pop() {
+                Some(token) if next <= step + 1 => {
+                    user.last_step = next;
+                    let code = totp::code_at(&user.secret, next);
+                    return Some(Req::post(
+                        VERIFY,
+                        verify_body(&token, code.as_str()),
+                        StatusCode::OK,
+                    ));
+                }
+                _ => current = None,
+            }
+        }
+    })
+}
+
+/// Six digits that are not the code of any step from now-1 to now+2 (now+2: the server may see
+/// the request after the next step boundary).
+fn wrong_code(secret: &Secret) -> String {
+    let step = totp::step_at(SystemClock.now());
+    let valid: Vec<String> = (step - 1..=step + 2)
+        .map(|s| totp::code_at(secret, s).as_str().to_owned())
+        .collect();
+    (0..)
+        .map(|n: u32| format!("{:06}", n * 111_111 % 1_000_000))
+        .find(|c| !valid.contains(c))
+        .unwrap_or_default()
+}

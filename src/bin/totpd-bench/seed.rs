@@ -1,0 +1,326 @@
+//! Preparing data dirs before a server starts on them: users, enrolments, login keys and temp
+//! tokens are written straight into the store through the library (the same atomic operations
+//! the service uses), which takes microseconds per record instead of an Argon2 run and a
+//! durable HTTP round trip each. The harness keeps the plain keys, secrets, temp tokens and
+//! recovery codes so its requests are real ones.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use totpd::clock::{Clock, SystemClock, UnixTime};
+use totpd::models::{ActiveTotp, PendingTotp, StoredSecret, TempToken, User};
+use totpd::password::{Argon2Settings, PasswordHasher};
+use totpd::secrets;
+use totpd::store::{ActivateOutcome, SetupOutcome, Store};
+use totpd::totp::{SECRET_LEN, Secret};
+
+/// The password of every bench user.
+pub const PASSWORD: &str = "bench password 1";
+/// Wrong codes sent with one temp token (the server's `temp_token_attempts` is set to this).
+pub const WRONG_PER_TOKEN: u32 = 20;
+/// How long prepared temp tokens live: longer than any run.
+const TOKEN_LIFETIME: u64 = 3600;
+/// sled page cache while seeding; the servers use the default.
+const SEED_CACHE: u64 = 256 * 1024 * 1024;
+
+/// The PHC string stored for every bench user: Argon2id with the server's default cost, so a
+/// login costs what it costs in production. Computed once and shared (one salt for all users,
+/// which changes nothing about the cost).
+pub fn password_hash(settings: Argon2Settings) -> Result<String, String> {
+    PasswordHasher::new(settings, 1)
+        .and_then(|h| h.hash_now(PASSWORD))
+        .map_err(|e| e.to_string())
+}
+
+/// A user who can verify with valid codes: `last_step` is 0, so every step in the window is
+/// fresh, and each prepared temp token is good for one verify.
+pub struct ValidUser {
+    pub secret: Secret,
+    pub tokens: Vec<String>,
+    /// The last step this harness sent for the user.
+    pub last_step: u64,
+}
+
+/// A user with unused recovery codes and as many temp tokens.
+pub struct RecoveryUser {
+    pub tokens: Vec<String>,
+    pub codes: Vec<String>,
+}
+
+/// A temp token to send wrong codes with.
+pub struct WrongToken {
+    pub token: String,
+    pub secret: Secret,
+}
+
+/// A user with a pending setup and a login key, ready to activate once.
+pub struct PendingUser {
+    pub key: String,
+    pub secret: Secret,
+}
+
+/// Prepared data that requests use up; workers take from it as they go.
+pub type Pool<T> = Arc<Mutex<Vec<T>>>;
+
+pub fn pool<T>(items: Vec<T>) -> Pool<T> {
+    Arc::new(Mutex::new(items))
+}
+
+pub fn take<T>(pool: &Pool<T>) -> Option<T> {
+    pool.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .pop()
+}
+
+/// How much of each kind the main data dir gets.
+pub struct MainPlan {
+    /// Users each worker logs in as, with status and setup keys (one per worker).
+    pub per_worker: usize,
+    pub activate: usize,
+    pub valid_users: usize,
+    pub valid_per_user: usize,
+    pub recovery_users: usize,
+    pub wrong_tokens: usize,
+}
+
+/// Everything the endpoint scenarios need.
+pub struct MainData {
+    pub login: Vec<String>,
+    pub status_keys: Vec<String>,
+    pub setup_keys: Vec<String>,
+    pub activate: Pool<PendingUser>,
+    pub valid: Pool<ValidUser>,
+    pub recovery: Pool<RecoveryUser>,
+    pub wrong: Pool<WrongToken>,
+}
+
+pub struct Seeder {
+    store: Store,
+    now: UnixTime,
+    hash: String,
+}
+
+fn err(e: impl std::fmt::Display) -> String {
+    e.to_string()
+}
+
+fn random_secret() -> Result<Vec<u8>, String> {
+    Ok(secrets::random_bytes::<SECRET_LEN>().map_err(err)?.to_vec())
+}
+
+/// The secret of scale user `index`: derived, so a million of them need not be kept in memory.
+pub fn scale_secret(index: u64) -> Vec<u8> {
+    let digest = blake3::hash(format!("totpd-bench scale user {index}").as_bytes());
+    digest.as_bytes()[..SECRET_LEN].to_vec()
+}
+
+pub fn scale_name(index: u64) -> String {
+    format!("scale-{index:07}")
+}
+
+impl Seeder {
+    pub fn open(data_dir: &Path, hash: &str) -> Result<Self, String> {
+        let store = Store::open(data_dir, SEED_CACHE).map_err(err)?;
+        Ok(Self {
+            store,
+            now: SystemClock.now(),
+            hash: hash.to_owned(),
+        })
+    }
+
+    pub fn user(&self, name: &str) -> Result<User, String> {
+        self.store
+            .create_user(name, &self.hash, self.now)
+            .map_err(err)?
+            .map_err(|_| format!("user {name} exists already"))
+    }
+
+    pub fn find(&self, name: &str) -> Result<User, String> {
+        self.store
+            .user_by_name(name)
+            .map_err(err)?
+            .ok_or_else(|| format!("no user {name}"))
+    }
+
+    fn begin_setup(&self, user: &User, secret: &[u8]) -> Result<StoredSecret, String> {
+        let stored = StoredSecret::Plain(secret.to_vec());
+        let pending = PendingTotp {
+            secret: stored.clone(),
+            created_at: self.now,
+        };
+        match self.store.begin_setup(user.id, &pending).map_err(err)? {
+            SetupOutcome::Started => Ok(stored),
+            SetupOutcome::AlreadyActive => Err(format!("{} is already active", user.username)),
+        }
+    }
+
+    /// Setup then activation, as the service does them; no step consumed yet (`last_step` 0).
+    /// Returns the recovery codes.
+    pub fn enrol(&self, user: &User, secret: &[u8]) -> Result<Vec<String>, String> {
+        let stored = self.begin_setup(user, secret)?;
+        let codes = secrets::new_recovery_codes().map_err(err)?;
+        let active = ActiveTotp {
+            secret: stored.clone(),
+            last_step: 0,
+            activated_at: self.now,
+            recovery_key: codes.key,
+            recovery_hashes: codes.hashes,
+        };
+        match self.store.activate(user.id, &stored, &active).map_err(err)? {
+            ActivateOutcome::Activated => Ok(codes.shown),
+            other => Err(format!("activating {}: {other:?}", user.username)),
+        }
+    }
+
+    /// A pending setup with a fresh secret, returned.
+    pub fn pending(&self, user: &User) -> Result<Secret, String> {
+        let secret = random_secret()?;
+        self.begin_setup(user, &secret)?;
+        Ok(Secret::from_bytes(secret))
+    }
+
+    /// A login key for `user`.
+    pub fn key(&self, user: &User) -> Result<String, String> {
+        let (key, digest) = secrets::new_login_key().map_err(err)?;
+        if self.store.issue_key(user.id, &digest, self.now).map_err(err)? {
+            Ok(key)
+        } else {
+            Err(format!("no user {}", user.username))
+        }
+    }
+
+    /// A temp token as login issues it after the password step, good for `attempts` codes.
+    pub fn temp_token(&self, user: &User, attempts: u32) -> Result<String, String> {
+        let (token, digest) = secrets::new_temp_token().map_err(err)?;
+        let record = TempToken {
+            user_id: user.id,
+            stamp: user.stamp,
+            expires_at: self.now + TOKEN_LIFETIME,
+            attempts_left: attempts,
+        };
+        self.store
+            .issue_temp_token(&digest, &record)
+            .map_err(err)?;
+        Ok(token)
+    }
+
+    /// Flushes and closes the store (a server can then open the data dir).
+    pub fn finish(self) -> Result<(), String> {
+        self.store.flush_now().map_err(err)
+    }
+
+    /// The main data dir: every kind of user the endpoint scenarios need.
+    pub fn main_data(&self, plan: &MainPlan) -> Result<MainData, String> {
+        let mut login = Vec::new();
+        let mut status_keys = Vec::new();
+        let mut setup_keys = Vec::new();
+        for i in 0..plan.per_worker {
+            let name = format!("login-{i:03}");
+            self.user(&name)?;
+            login.push(name);
+            status_keys.push(self.key(&self.user(&format!("status-{i:03}"))?)?);
+            setup_keys.push(self.key(&self.user(&format!("setup-{i:03}"))?)?);
+        }
+        let mut activate = Vec::with_capacity(plan.activate);
+        for i in 0..plan.activate {
+            let user = self.user(&format!("activate-{i:06}"))?;
+            let secret = self.pending(&user)?;
+            activate.push(PendingUser {
+                key: self.key(&user)?,
+                secret,
+            });
+        }
+        let mut valid = Vec::with_capacity(plan.valid_users);
+        for i in 0..plan.valid_users {
+            let user = self.user(&format!("valid-{i:06}"))?;
+            let secret = random_secret()?;
+            self.enrol(&user, &secret)?;
+            let tokens = (0..plan.valid_per_user)
+                .map(|_| self.temp_token(&user, 1))
+                .collect::<Result<_, _>>()?;
+            valid.push(ValidUser {
+                secret: Secret::from_bytes(secret),
+                tokens,
+                last_step: 0,
+            });
+        }
+        let mut recovery = Vec::with_capacity(plan.recovery_users);
+        for i in 0..plan.recovery_users {
+            let user = self.user(&format!("recovery-{i:06}"))?;
+            let codes = self.enrol(&user, &random_secret()?)?;
+            let tokens = codes
+                .iter()
+                .map(|_| self.temp_token(&user, 1))
+                .collect::<Result<_, _>>()?;
+            recovery.push(RecoveryUser { tokens, codes });
+        }
+        let mut wrong = Vec::with_capacity(plan.wrong_tokens);
+        for i in 0..plan.wrong_tokens {
+            let user = self.user(&format!("wrong-{i:06}"))?;
+            let secret = random_secret()?;
+            self.enrol(&user, &secret)?;
+            wrong.push(WrongToken {
+                token: self.temp_token(&user, WRONG_PER_TOKEN)?,
+                secret: Secret::from_bytes(secret),
+            });
+        }
+        Ok(MainData {
+            login,
+            status_keys,
+            setup_keys,
+            activate: pool(activate),
+            valid: pool(valid),
+            recovery: pool(recovery),
+            wrong: pool(wrong),
+        })
+    }
+
+    /// Enrolled scale users `from..to`, created on `threads` threads.
+    pub fn scale_users(&self, from: u64, to: u64, threads: u64) -> Result<(), String> {
+        std::thread::scope(|scope| {
+            let workers: Vec<_> = (0..threads)
+                .map(|t| {
+                    scope.spawn(move || -> Result<(), String> {
+                        let mut index = from + t;
+                        while index < to {
+                            let user = self.user(&scale_name(index))?;
+                            self.enrol(&user, &scale_secret(index))?;
+                            index += threads;
+                        }
+                        Ok(())
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                .map(|w| w.join().unwrap_or_else(|_| Err("a seeding thread panicked".into())))
+                .collect()
+        })
+    }
+
+    /// Temp tokens for `sample` scale users drawn at random from the first `users`, `per_user`
+    /// each.
+    pub fn scale_tokens(
+        &self,
+        users: u64,
+        sample: usize,
+        per_user: usize,
+    ) -> Result<Vec<ValidUser>, String> {
+        let mut rng = rand::rng();
+        let picked = rand::seq::index::sample(&mut rng, users as usize, sample);
+        picked
+            .into_iter()
+            .map(|index| {
+                let user = self.find(&scale_name(index as u64))?;
+                let tokens = (0..per_user)
+                    .map(|_| self.temp_token(&user, 1))
+                    .collect::<Result<_, _>>()?;
+                Ok(ValidUser {
+                    secret: Secret::from_bytes(scale_secret(index as u64)),
+                    tokens,
+                    last_step: 0,
+                })
+            })
+            .collect()
+    }
+}
