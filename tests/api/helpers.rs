@@ -249,6 +249,26 @@ impl TestApp {
             .to_owned()
     }
 
+    /// POST with an `X-Forwarded-For` header.
+    pub async fn post_from(&self, path: &str, body: &Value, forwarded_for: &str) -> Response {
+        self.send(
+            self.client
+                .post(self.url(path))
+                .header("X-Forwarded-For", forwarded_for)
+                .json(body),
+        )
+        .await
+    }
+
+    /// A code of the current step that is not valid within ±2 steps: a sure wrong guess.
+    pub fn wrong_code(&self, totp: &Totp, salt: u32) -> String {
+        let valid: Vec<String> = (-2..=2).map(|o| self.code(totp, o)).collect();
+        (0u32..)
+            .map(|i| format!("{:06}", (salt.wrapping_mul(7919) + i * 104_729) % 1_000_000))
+            .find(|c| !valid.contains(c))
+            .expect("some wrong code")
+    }
+
     pub async fn verify(&self, temp_token: &str, token: &str) -> Response {
         self.post(
             "/api/v1/auth/totp/verify/",

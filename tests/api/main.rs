@@ -4,6 +4,8 @@
 
 mod helpers;
 
+/// Lockouts, throttles, sealed secrets, key lifetimes, step-up, hostile input, audit trail.
+mod abuse;
 /// Password login, registration, logout, login keys.
 mod auth;
 /// The framework-level errors: 404, 405, 413, 415, parse errors, body-less POSTs, headers.
