@@ -998,3 +998,32 @@ async fn old_events_are_swept_after_the_retention() {
         .expect("sweep");
     assert_eq!(app.state.store.events(0).count(), 0);
 }
+
+/// Beyond `max_connections`, new connections wait in the backlog until one closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_connections_are_capped() {
+    use tokio::io::AsyncWriteExt;
+    let app = spawn_app_with(|c| {
+        c.max_connections = 2;
+        c.header_read_timeout = 2;
+    })
+    .await;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut stream = tokio::net::TcpStream::connect(app.addr)
+            .await
+            .expect("connect");
+        stream.write_all(b"GET /").await.expect("write");
+        held.push(stream);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = Instant::now();
+    let response = app.send(app.client.get(app.url("/nope"))).await;
+    assert_eq!(response.status, StatusCode::NOT_FOUND);
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1500),
+        "served after {waited:?}: the cap did not hold"
+    );
+    drop(held);
+}
