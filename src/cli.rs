@@ -1,27 +1,30 @@
-//! The command line: `totpd [serve]` runs the server, `totpd user add NAME` creates an account.
-//! Failures are one line on stderr and exit code 1; nothing panics at the operator.
+//! The command line. `totpd [serve]` runs the server; the other commands administer a data dir
+//! and work the same whether or not a server holds it (see `admin`). Failures are one line on
+//! stderr and exit code 1; nothing panics at the operator.
 
 use std::io::{BufRead, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
 use crate::AppState;
+use crate::admin::{self, Admin, AdminRequest};
 use crate::clock::{Clock, SystemClock, UnixTime};
-use crate::config::{Config, Flags};
-use crate::input;
-use crate::models::{AuditEvent, EventKind};
+use crate::config::{Config, Flags, LogFormat};
 use crate::password::PasswordHasher;
 use crate::sealing::{self, KeySource, Keyring, MasterKey, key_id_hex};
-use crate::store::Store;
+use crate::store::{OpenError, Store};
 
 #[derive(Debug, Parser)]
 #[command(
     name = "totpd",
     version,
-    about = "A TOTP two-factor-authentication server"
+    about = "A TOTP two-factor-authentication server in one binary",
+    after_help = "Every command but serve works whether or not a server holds the data dir: \
+                  with one running, it is done by the server through <data dir>/admin.sock."
 )]
 struct Cli {
     /// Config file [env: TOTPD_CONFIG] [default: ./config.toml when it exists]
@@ -45,7 +48,14 @@ enum Command {
     /// Manage users
     #[command(subcommand)]
     User(UserCommand),
-    /// Re-seal every TOTP secret under a new master key (the server must be stopped)
+    /// Write a consistent backup of all data to FILE while the server keeps serving (the master
+    /// key is not in it: back it up apart)
+    Backup { file: PathBuf },
+    /// Restore a backup into an empty data dir (the server must not run)
+    Restore { file: PathBuf },
+    /// Exit 0 when the server at the configured address answers /healthz (for container probes)
+    Healthcheck,
+    /// Re-seal every TOTP secret under a new master key (the server must not run)
     RotateKey,
     /// Print the audit trail of security events
     Events {
@@ -70,6 +80,21 @@ enum UserCommand {
         #[arg(long)]
         password_stdin: bool,
     },
+    /// List users: name, TOTP state, locked until, last login
+    List,
+    /// Delete a user and everything of theirs
+    Remove { name: String },
+    /// Set a user's password (revokes their keys); asked for, or read from stdin
+    SetPassword {
+        name: String,
+        /// Read the password from the first line of standard input
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    /// For a lost phone: clear the user's secret, recovery codes and lock, and revoke their keys
+    ResetTotp { name: String },
+    /// End a user's lock after too many failed codes
+    Unlock { name: String },
 }
 
 /// Parses the command line and runs the command.
@@ -93,34 +118,108 @@ pub fn run() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = match cli.command {
-        None | Some(Command::Serve { .. }) => serve(config),
+    match execute(cli.command, &config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("totpd: {}", message.trim_end());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn execute(command: Option<Command>, config: &Config) -> Result<(), String> {
+    let now = SystemClock.now();
+    let request = match command {
+        None | Some(Command::Serve { .. }) => return serve(config.clone()),
+        Some(Command::Restore { file }) => return restore(config, &file),
+        Some(Command::Healthcheck) => return healthcheck(config),
+        Some(Command::RotateKey) => return rotate_key(config),
         Some(Command::User(UserCommand::Add {
             name,
             password_stdin,
-        })) => add_user(&config, &name, password_stdin),
-        Some(Command::RotateKey) => rotate_key(&config),
-        Some(Command::Events { user, since, json }) => {
-            events(&config, user.as_deref(), since.as_deref(), json)
+        })) => {
+            let password = read_password(&name, password_stdin)?;
+            AdminRequest::UserAdd { name, password }
         }
+        Some(Command::User(UserCommand::List)) => AdminRequest::UserList,
+        Some(Command::User(UserCommand::Remove { name })) => AdminRequest::UserRemove { name },
+        Some(Command::User(UserCommand::SetPassword {
+            name,
+            password_stdin,
+        })) => {
+            let password = read_password(&name, password_stdin)?;
+            AdminRequest::UserSetPassword { name, password }
+        }
+        Some(Command::User(UserCommand::ResetTotp { name })) => {
+            AdminRequest::UserResetTotp { name }
+        }
+        Some(Command::User(UserCommand::Unlock { name })) => AdminRequest::UserUnlock { name },
+        Some(Command::Backup { file }) => AdminRequest::Backup {
+            path: absolute(&file)?,
+        },
+        Some(Command::Events { user, since, json }) => AdminRequest::Events {
+            user,
+            since: since
+                .map(|s| parse_since(&s, now))
+                .transpose()?
+                .unwrap_or(0),
+            json,
+        },
     };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(message) => {
-            eprintln!("totpd: {message}");
-            ExitCode::FAILURE
+    let output = administer(config, request, now)?;
+    let mut stdout = std::io::stdout().lock();
+    // A closed pipe (`| head`) is not an error.
+    let _ = stdout.write_all(output.as_bytes());
+    Ok(())
+}
+
+/// Runs `request` on the data dir: directly when no server holds it, else through the server.
+fn administer(config: &Config, request: AdminRequest, now: UnixTime) -> Result<String, String> {
+    match Store::open(&config.data_dir, config.cache_capacity) {
+        Ok(store) => {
+            let hasher = PasswordHasher::new(config.argon2, 1).map_err(|e| e.to_string())?;
+            Admin {
+                store: &store,
+                hasher: &hasher,
+            }
+            .execute(request, now)
         }
+        Err(OpenError::Locked(_)) => admin::call(&admin::socket_path(&config.data_dir), &request),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// The server writes backups, so a relative path must be made absolute here.
+fn absolute(path: &Path) -> Result<PathBuf, String> {
+    std::path::absolute(path).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+fn read_password(name: &str, from_stdin: bool) -> Result<String, String> {
+    if from_stdin {
+        let mut line = String::new();
+        std::io::stdin()
+            .lock()
+            .read_line(&mut line)
+            .map_err(|e| format!("cannot read the password from stdin: {e}"))?;
+        Ok(line.trim_end_matches(['\n', '\r']).to_owned())
+    } else {
+        rpassword::prompt_password(format!("Password for {name}: "))
+            .map_err(|e| format!("cannot read the password: {e}"))
     }
 }
 
 fn init_logging(config: &Config) {
     let filter = tracing_subscriber::EnvFilter::try_new(&config.log_level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = match config.log_format {
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .try_init(),
+    };
 }
 
 fn serve(config: Config) -> Result<(), String> {
@@ -131,18 +230,25 @@ fn serve(config: Config) -> Result<(), String> {
         .map_err(|e| format!("cannot start the runtime: {e}"))?;
     let listen = config.listen;
     let state = AppState::build(config, Arc::new(SystemClock)).map_err(|e| e.to_string())?;
+    let tls = crate::tls::acceptor(&state.config)?;
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(listen)
             .await
             .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+        #[cfg(unix)]
+        let admin = Some(admin::bind_socket(&state.config.data_dir)?);
+        #[cfg(not(unix))]
+        let admin = None;
         let addr = listener
             .local_addr()
             .map_err(|e| format!("cannot read the bound address: {e}"))?;
+        let shutdown = shutdown_signal()?;
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let mut stdout = std::io::stdout();
-        let _ = writeln!(stdout, "listening on http://{addr}");
+        let _ = writeln!(stdout, "listening on {scheme}://{addr}");
         let _ = stdout.flush();
         tracing::info!(%addr, data_dir = %state.config.data_dir.display(), "serving");
-        crate::server::serve(listener, state.clone(), shutdown_signal()).await;
+        crate::server::serve_with(listener, tls, admin, state.clone(), shutdown).await;
         tracing::info!("shutting down: flushing the store");
         state
             .store
@@ -151,81 +257,64 @@ fn serve(config: Config) -> Result<(), String> {
     })
 }
 
-/// Resolves on SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    let interrupt = tokio::signal::ctrl_c();
+/// Installs the SIGINT and SIGTERM handlers now (so a signal that arrives right after the
+/// listening line is not lost to the default action) and resolves when one arrives.
+fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>, String> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut terminate) => {
-                tokio::select! {
-                    _ = interrupt => {}
-                    _ = terminate.recv() => {}
-                }
+        let mut terminate =
+            signal(SignalKind::terminate()).map_err(|e| format!("cannot handle SIGTERM: {e}"))?;
+        let mut interrupt =
+            signal(SignalKind::interrupt()).map_err(|e| format!("cannot handle SIGINT: {e}"))?;
+        Ok(async move {
+            tokio::select! {
+                _ = terminate.recv() => {}
+                _ = interrupt.recv() => {}
             }
-            Err(_) => {
-                let _ = interrupt.await;
-            }
-        }
+        })
     }
     #[cfg(not(unix))]
     {
-        let _ = interrupt.await;
+        Ok(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
     }
 }
 
-fn add_user(config: &Config, raw_name: &str, password_stdin: bool) -> Result<(), String> {
-    let name =
-        input::new_username(raw_name).map_err(|e| format!("invalid user name: {}", e.message))?;
-    let password = if password_stdin {
-        let mut line = String::new();
-        std::io::stdin()
-            .lock()
-            .read_line(&mut line)
-            .map_err(|e| format!("cannot read the password from stdin: {e}"))?;
-        line.trim_end_matches(['\n', '\r']).to_owned()
-    } else {
-        rpassword::prompt_password(format!("Password for {name}: "))
-            .map_err(|e| format!("cannot read the password: {e}"))?
-    };
-    let password =
-        input::new_password(password).map_err(|e| format!("invalid password: {}", e.message))?;
-    let store = Store::open(&config.data_dir, config.cache_capacity).map_err(|e| e.to_string())?;
-    if store
-        .user_by_name(&name)
-        .map_err(|e| e.to_string())?
-        .is_some()
-    {
-        return Err(format!("a user named {name:?} already exists"));
-    }
-    let hasher = PasswordHasher::new(config.argon2, 1).map_err(|e| e.to_string())?;
-    let hash = hasher.hash_now(&password).map_err(|e| e.to_string())?;
-    let now = SystemClock.now();
-    let user = store
-        .create_user(&name, &hash, now)
-        .map_err(|e| e.to_string())?
-        .map_err(|_| format!("a user named {name:?} already exists"))?;
-    store
-        .record_event(&AuditEvent {
-            time: now,
-            kind: EventKind::UserCreated,
-            user_id: Some(user.id),
-            username: Some(user.username.clone()),
-            ip: None,
-            outcome: "cli".into(),
-        })
-        .map_err(|e| e.to_string())?;
-    store.flush_now().map_err(|e| e.to_string())?;
-    println!("created user {name}");
+fn restore(config: &Config, file: &Path) -> Result<(), String> {
+    let count = crate::backup::restore(file, &config.data_dir, config.cache_capacity)?;
+    println!(
+        "restored {count} records into {}; the master key that sealed them must be in place \
+         before the server starts",
+        config.data_dir.display()
+    );
     Ok(())
+}
+
+/// GET /healthz on the configured address over plain HTTP (or TLS when configured).
+fn healthcheck(config: &Config) -> Result<(), String> {
+    let status = crate::tls::probe_health(config, Duration::from_secs(3))?;
+    if status == 200 {
+        Ok(())
+    } else {
+        Err(format!("/healthz answered {status}"))
+    }
 }
 
 /// Re-seals every secret under a new key. With a key file: appends a new key, re-seals, then
 /// drops the old key (a crash in between leaves both keys in the file, and a rerun finishes).
 /// With `TOTPD_MASTER_KEY`: re-seals under its last key, so rotation is `old,new` then `new`.
 fn rotate_key(config: &Config) -> Result<(), String> {
-    let store = Store::open(&config.data_dir, config.cache_capacity).map_err(|e| e.to_string())?;
+    let store = match Store::open(&config.data_dir, config.cache_capacity) {
+        Err(OpenError::Locked(path)) => {
+            return Err(format!(
+                "the data dir {} is in use by a running server: stop it to rotate the key",
+                path.display()
+            ));
+        }
+        other => other.map_err(|e| e.to_string())?,
+    };
     let (ring, source) = sealing::establish(config, &store)?;
     let ring = match &source {
         KeySource::Environment => ring,
@@ -279,62 +368,10 @@ fn parse_since(text: &str, now: UnixTime) -> Result<UnixTime, String> {
         })
 }
 
-fn format_time(time: UnixTime) -> String {
-    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(time))
-        .to_string()
-}
-
-fn events(
-    config: &Config,
-    user: Option<&str>,
-    since: Option<&str>,
-    json: bool,
-) -> Result<(), String> {
-    let since = since
-        .map(|s| parse_since(s, SystemClock.now()))
-        .transpose()?
-        .unwrap_or(0);
-    let user = user.map(input::normalize_username);
-    let store = Store::open(&config.data_dir, config.cache_capacity).map_err(|e| e.to_string())?;
-    let mut out = std::io::stdout().lock();
-    for event in store.events(since) {
-        let event: AuditEvent = event.map_err(|e| e.to_string())?;
-        if user.is_some() && event.username != user {
-            continue;
-        }
-        let line = if json {
-            serde_json::json!({
-                "time": format_time(event.time),
-                "event": event.kind.name(),
-                "user": event.username,
-                "ip": event.ip.map(|ip| ip.to_string()),
-                "outcome": event.outcome,
-            })
-            .to_string()
-        } else {
-            format!(
-                "{}  {:<26} {:<20} {:<15} {}",
-                format_time(event.time),
-                event.kind.name(),
-                // Debug escapes control characters a username might carry.
-                event
-                    .username
-                    .as_deref()
-                    .map_or("-".to_owned(), |u| format!("{u:?}")),
-                event.ip.map_or("-".to_owned(), |ip| ip.to_string()),
-                event.outcome
-            )
-        };
-        if writeln!(out, "{line}").is_err() {
-            break; // a closed pipe (| head) is not an error
-        }
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::models::EventKind;
 
     #[test]
     fn since_accepts_three_forms() {
@@ -345,13 +382,14 @@ mod tests {
     }
 
     #[test]
-    fn times_print_as_rfc3339_utc() {
-        assert_eq!(format_time(86_400), "1970-01-02T00:00:00Z");
-    }
-
-    #[test]
     fn event_kinds_have_distinct_names() {
         let names: std::collections::HashSet<_> = EventKind::ALL.iter().map(|k| k.name()).collect();
         assert_eq!(names.len(), EventKind::ALL.len());
+    }
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
     }
 }

@@ -50,6 +50,18 @@ pub struct Config {
     pub key_ttl: u64,
     pub key_idle_ttl: u64,
     pub audit_retention_days: u64,
+    pub log_format: LogFormat,
+    /// PEM certificate chain and key: both set, the server speaks TLS.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// Who may read `/metrics`; empty means everyone who can reach the server.
+    pub metrics_allow: Vec<IpNet>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 impl Config {
@@ -110,6 +122,10 @@ impl Default for Config {
             key_ttl: 30 * DAY,
             key_idle_ttl: 7 * DAY,
             audit_retention_days: 90,
+            log_format: LogFormat::Text,
+            tls_cert: None,
+            tls_key: None,
+            metrics_allow: Vec::new(),
         }
     }
 }
@@ -335,15 +351,41 @@ pub const KEYS: &[Key] = &[
     Key {
         name: "trusted_proxies",
         apply: |c, r| {
-            c.trusted_proxies = r
-                .list()?
-                .iter()
-                .map(|item| {
-                    item.parse::<IpNet>()
-                        .or_else(|_| item.parse::<std::net::IpAddr>().map(IpNet::from))
-                        .map_err(|_| format!("{item:?} is not an IP address or CIDR network"))
-                })
-                .collect::<Result<_, _>>()?;
+            c.trusted_proxies = networks(r)?;
+            Ok(())
+        },
+    },
+    Key {
+        name: "metrics_allow",
+        apply: |c, r| {
+            c.metrics_allow = networks(r)?;
+            Ok(())
+        },
+    },
+    Key {
+        name: "log_format",
+        apply: |c, r| {
+            c.log_format = match r.string()?.as_str() {
+                "text" => LogFormat::Text,
+                "json" => LogFormat::Json,
+                _ => return Err("must be \"text\" or \"json\"".into()),
+            };
+            Ok(())
+        },
+    },
+    Key {
+        name: "tls_cert",
+        apply: |c, r| {
+            let s = r.string()?;
+            c.tls_cert = (!s.is_empty()).then(|| PathBuf::from(s));
+            Ok(())
+        },
+    },
+    Key {
+        name: "tls_key",
+        apply: |c, r| {
+            let s = r.string()?;
+            c.tls_key = (!s.is_empty()).then(|| PathBuf::from(s));
             Ok(())
         },
     },
@@ -455,6 +497,18 @@ pub const KEYS: &[Key] = &[
     },
 ];
 
+/// IP addresses and CIDR networks.
+fn networks(raw: &Raw<'_>) -> Result<Vec<IpNet>, String> {
+    raw.list()?
+        .iter()
+        .map(|item| {
+            item.parse::<IpNet>()
+                .or_else(|_| item.parse::<std::net::IpAddr>().map(IpNet::from))
+                .map_err(|_| format!("{item:?} is not an IP address or CIDR network"))
+        })
+        .collect()
+}
+
 /// What the command line says; `None` leaves the layers below in charge.
 #[derive(Debug, Default, Clone)]
 pub struct Flags {
@@ -518,6 +572,9 @@ impl Config {
             }
         }
 
+        if config.tls_cert.is_some() != config.tls_key.is_some() {
+            problems.push("tls_cert and tls_key must be set together".into());
+        }
         if config.lockout.max_seconds < config.lockout.base_seconds {
             problems.push("lockout.max_seconds must be at least lockout.base_seconds".into());
         }

@@ -55,6 +55,8 @@ pub enum Error {
     AuthenticationFailed(&'static str),
     /// 403: `allow_registration` is off.
     RegistrationDisabled,
+    /// 403: the client may not read this (`metrics_allow`).
+    PermissionDenied,
     /// 429: too many failed codes; the user is locked for `retry_after` seconds (`None`: until a
     /// recovery code or an administrator ends it).
     Locked { retry_after: Option<u64> },
@@ -93,7 +95,8 @@ impl Error {
             Error::InvalidTempToken => StatusCode::UNAUTHORIZED,
             Error::NotAuthenticated
             | Error::AuthenticationFailed(_)
-            | Error::RegistrationDisabled => StatusCode::FORBIDDEN,
+            | Error::RegistrationDisabled
+            | Error::PermissionDenied => StatusCode::FORBIDDEN,
             Error::Locked { .. } | Error::Throttled { .. } => StatusCode::TOO_MANY_REQUESTS,
             Error::NotFound => StatusCode::NOT_FOUND,
             Error::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
@@ -118,6 +121,7 @@ impl Error {
             Error::NotAuthenticated => "not_authenticated",
             Error::AuthenticationFailed(_) => "authentication_failed",
             Error::RegistrationDisabled => "registration_disabled",
+            Error::PermissionDenied => "permission_denied",
             Error::Locked { .. } => "locked",
             Error::Throttled { .. } => "throttled",
             Error::NotFound => "not_found",
@@ -159,6 +163,7 @@ impl Error {
             Error::NotAuthenticated => detail("Authentication credentials were not provided."),
             Error::AuthenticationFailed(message) => detail(message),
             Error::RegistrationDisabled => detail("Registration is disabled."),
+            Error::PermissionDenied => detail("You do not have permission to perform this action."),
             Error::Locked {
                 retry_after: Some(seconds),
             } => detail(&format!(
@@ -308,6 +313,7 @@ mod tests {
             Error::NotAuthenticated,
             Error::AuthenticationFailed("a"),
             Error::RegistrationDisabled,
+            Error::PermissionDenied,
             Error::Locked {
                 retry_after: Some(5),
             },

@@ -14,6 +14,7 @@ use crate::input::{
     TotpVerify,
 };
 use crate::limits::{Route, client_ip};
+use crate::metrics::StoreGauges;
 use crate::server::ClientAddr;
 use crate::service::{Ctx, LoginResult, Session};
 
@@ -159,6 +160,7 @@ pub async fn setup(state: AppState, request: Request, _body: Bytes) -> Reply {
         &json!({
             "secret_key": setup.secret_key,
             "provisioning_uri": setup.provisioning_uri,
+            "qr_code": setup.qr_code,
         }),
     ))
 }
@@ -223,4 +225,67 @@ pub async fn recovery_codes(state: AppState, request: Request, body: Bytes) -> R
         StatusCode::OK,
         &json!({ "recovery_codes": codes }),
     ))
+}
+
+/// The OpenAPI 3 document of every route, served as written in `src/openapi.json`.
+pub const OPENAPI: &str = include_str!("openapi.json");
+
+/// GET /api/v1/openapi.json
+pub fn openapi() -> Response {
+    let mut response = warp::reply::Response::new(OPENAPI.into());
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        warp::http::HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+/// GET /healthz → 200 {"status": "ok"} when the store answers a read, else 503.
+pub async fn healthz(state: AppState) -> Response {
+    let store = std::sync::Arc::clone(&state.store);
+    let healthy = tokio::task::spawn_blocking(move || store.is_healthy())
+        .await
+        .unwrap_or(false);
+    if healthy {
+        json_response(StatusCode::OK, &json!({ "status": "ok" }))
+    } else {
+        json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &json!({
+                "status": "unavailable",
+                "detail": "The store does not answer.",
+                "code": "service_unavailable",
+            }),
+        )
+    }
+}
+
+/// GET /metrics → Prometheus text; only for `metrics_allow` addresses when that is set.
+pub async fn metrics(state: AppState, request: Request) -> Reply {
+    let ctx = request.ctx(&state);
+    let allowed = &state.config.metrics_allow;
+    if !allowed.is_empty()
+        && !ctx
+            .ip
+            .is_some_and(|ip| allowed.iter().any(|n| n.contains(&ip)))
+    {
+        return Err(Error::PermissionDenied);
+    }
+    let store = std::sync::Arc::clone(&state.store);
+    let gauges = tokio::task::spawn_blocking(move || {
+        let (users, totp_active) = store.counts()?;
+        Ok::<_, crate::store::StoreError>(StoreGauges {
+            users,
+            totp_active,
+            database_bytes: store.size_on_disk()?,
+        })
+    })
+    .await
+    .map_err(|_| Error::Internal)??;
+    let mut response = warp::reply::Response::new(state.metrics.render(&gauges).into());
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        warp::http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    Ok(response)
 }

@@ -7,7 +7,9 @@
 //! `main.rs` only calls [`cli::run`]; tests build the same [`AppState`] and call
 //! [`server::serve`] on a port of their own.
 
+pub mod admin;
 pub mod attempt;
+pub mod backup;
 pub mod cli;
 pub mod clock;
 pub mod config;
@@ -16,14 +18,17 @@ pub mod group_commit;
 pub mod handlers;
 pub mod input;
 pub mod limits;
+pub mod metrics;
 pub mod models;
 pub mod password;
+pub mod qr;
 pub mod routes;
 pub mod sealing;
 pub mod secrets;
 pub mod server;
 pub mod service;
 pub mod store;
+pub mod tls;
 pub mod totp;
 
 use std::sync::Arc;
@@ -31,6 +36,7 @@ use std::sync::Arc;
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::limits::{Buckets, IpLimits};
+use crate::metrics::Metrics;
 use crate::password::{HashError, PasswordHasher};
 use crate::service::{Policy, Service};
 use crate::store::{OpenError, Store};
@@ -43,6 +49,8 @@ pub struct AppState {
     pub store: Arc<Store>,
     pub service: Arc<Service>,
     pub ip_limits: Arc<IpLimits>,
+    pub hasher: PasswordHasher,
+    pub metrics: Arc<Metrics>,
 }
 
 /// Why the server could not be built.
@@ -86,12 +94,14 @@ impl AppState {
             key_lifetime: config.key_lifetime(),
         };
         let login_failures = Buckets::new(config.login_failure_rate, config.rate_limit_max_entries);
+        let metrics = Arc::new(Metrics::default());
         let service = Arc::new(Service::new(
             Arc::clone(&store),
-            hasher,
+            hasher.clone(),
             keyring,
             policy,
             login_failures,
+            Arc::clone(&metrics),
         ));
         let ip_limits = Arc::new(Buckets::new(config.ip_rate, config.rate_limit_max_entries));
         Ok(Self {
@@ -100,6 +110,8 @@ impl AppState {
             store,
             service,
             ip_limits,
+            hasher,
+            metrics,
         })
     }
 }

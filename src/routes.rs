@@ -18,6 +18,36 @@ use crate::{AppState, handlers};
 /// Largest request body accepted, in bytes.
 pub const MAX_BODY_BYTES: usize = 16 * 1024;
 
+/// Every route the server answers (method, path). The OpenAPI document must describe each
+/// (a test checks), and metrics label requests with these paths.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("POST", "/api/v1/auth/register/"),
+    ("POST", "/api/v1/auth/login/"),
+    ("POST", "/api/v1/auth/logout/"),
+    ("POST", "/api/v1/auth/logout-all/"),
+    ("POST", "/api/v1/auth/password/"),
+    ("GET", "/api/v1/auth/totp/"),
+    ("POST", "/api/v1/auth/totp/setup/"),
+    ("POST", "/api/v1/auth/totp/activate/"),
+    ("POST", "/api/v1/auth/totp/verify/"),
+    ("POST", "/api/v1/auth/totp/deactivate/"),
+    ("POST", "/api/v1/auth/totp/recovery-codes/"),
+    ("GET", "/api/v1/openapi.json"),
+    ("GET", "/healthz"),
+    ("GET", "/metrics"),
+];
+
+/// The route a request path belongs to (with or without the trailing slash), or `other`: a
+/// label with a bounded set of values.
+pub fn route_label(path: &str) -> &'static str {
+    let trimmed = path.trim_end_matches('/');
+    ROUTES
+        .iter()
+        .map(|(_, route)| *route)
+        .find(|route| route.trim_end_matches('/') == trimmed)
+        .unwrap_or("other")
+}
+
 pub fn routes(state: AppState) -> impl Filter<Extract = (impl Reply,), Error = Infallible> + Clone {
     let body_timeout = state.config.body_read_timeout;
     let body = body(Duration::from_secs(body_timeout));
@@ -57,6 +87,18 @@ pub fn routes(state: AppState) -> impl Filter<Extract = (impl Reply,), Error = I
     let recovery_codes =
         post(warp::path!("api" / "v1" / "auth" / "totp" / "recovery-codes").boxed())
             .then(handlers::recovery_codes);
+    let openapi = warp::path!("api" / "v1" / "openapi.json")
+        .and(warp::get())
+        .map(handlers::openapi);
+    let healthz = warp::path!("healthz")
+        .and(warp::get())
+        .and(state.clone())
+        .then(handlers::healthz);
+    let metrics = warp::path!("metrics")
+        .and(warp::get())
+        .and(state.clone())
+        .and(request)
+        .then(handlers::metrics);
 
     #[cfg(feature = "bench")]
     let register = register.or(baseline(Duration::from_secs(body_timeout)));
@@ -72,6 +114,9 @@ pub fn routes(state: AppState) -> impl Filter<Extract = (impl Reply,), Error = I
         .or(verify)
         .or(deactivate)
         .or(recovery_codes)
+        .or(openapi)
+        .or(healthz)
+        .or(metrics)
         .recover(handle_rejection)
 }
 
@@ -155,4 +200,25 @@ fn is_json(headers: &HeaderMap) -> bool {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.split(';').next())
         .is_some_and(|essence| essence.trim().eq_ignore_ascii_case("application/json"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_map_to_their_route_with_or_without_the_slash() {
+        assert_eq!(
+            route_label("/api/v1/auth/totp/verify/"),
+            "/api/v1/auth/totp/verify/"
+        );
+        assert_eq!(
+            route_label("/api/v1/auth/totp/verify"),
+            "/api/v1/auth/totp/verify/"
+        );
+        assert_eq!(route_label("/healthz"), "/healthz");
+        assert_eq!(route_label("/api/v1/auth/totp/"), "/api/v1/auth/totp/");
+        assert_eq!(route_label("/wp-admin/x"), "other");
+        assert_eq!(route_label("/"), "other");
+    }
 }

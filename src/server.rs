@@ -1,21 +1,26 @@
 //! The HTTP/1.1 server around the warp routes. warp's own `serve` sets no timeouts and no
 //! connection limit, so totpd drives hyper itself: a header-read timeout (which also closes idle
-//! keep-alive connections), a cap on open connections, graceful shutdown that finishes requests
-//! in flight, and the client's address handed to the routes as a request extension.
+//! keep-alive connections), a cap on open connections, optional TLS, graceful shutdown that
+//! finishes requests in flight, and one layer every request passes through — it gets a request
+//! id (`X-Request-Id`), is counted in the metrics and logged in one line. The admin socket and
+//! the sweeper of expired records run beside it.
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
-use tower_service::Service as _;
+use tokio_rustls::TlsAcceptor;
+use warp::http::HeaderValue;
 
 use crate::AppState;
+use crate::routes::route_label;
 
 /// The peer address of the connection a request came on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,19 +31,43 @@ const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
 /// Largest request head (request line and headers) accepted; beyond it hyper answers 431.
 const MAX_HEADER_BYTES: usize = 16 * 1024;
 
-/// Serves `state` on `listener` until `shutdown` resolves, then stops accepting, lets requests
-/// in flight finish (up to a deadline) and returns.
+/// Serves `state` over plain HTTP on `listener` until `shutdown` resolves.
 pub async fn serve(listener: TcpListener, state: AppState, shutdown: impl Future<Output = ()>) {
+    serve_with(listener, None, None, state, shutdown).await;
+}
+
+/// The admin socket's listener, where the platform has Unix sockets.
+#[cfg(unix)]
+pub type AdminListener = tokio::net::UnixListener;
+#[cfg(not(unix))]
+pub type AdminListener = std::convert::Infallible;
+
+/// Serves `state` on `listener` (over TLS when `tls` is given, with the admin socket when
+/// `admin` is given) until `shutdown` resolves, then stops accepting, lets requests in flight
+/// finish (up to a deadline) and returns.
+pub async fn serve_with(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    admin: Option<AdminListener>,
+    state: AppState,
+    shutdown: impl Future<Output = ()>,
+) {
     let routes = warp::service(crate::routes::routes(state.clone()));
     let permits = Arc::new(Semaphore::new(state.config.max_connections));
     let graceful = GracefulShutdown::new();
+    let header_timeout = Duration::from_secs(state.config.header_read_timeout);
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(state.config.header_read_timeout))
+        .header_read_timeout(header_timeout)
         .max_header_size(MAX_HEADER_BYTES)
         .max_buf_size(64 * 1024)
         .keep_alive(true);
     let sweeper = tokio::spawn(sweep_expired(state.clone()));
+    #[cfg(unix)]
+    let admin =
+        admin.map(|listener| tokio::spawn(crate::admin::serve_socket(listener, state.clone())));
+    #[cfg(not(unix))]
+    let _ = admin;
     let mut shutdown = std::pin::pin!(shutdown);
 
     loop {
@@ -61,14 +90,32 @@ pub async fn serve(listener: TcpListener, state: AppState, shutdown: impl Future
         };
         let _ = stream.set_nodelay(true);
         let routes = routes.clone();
-        let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
-            request.extensions_mut().insert(ClientAddr(peer));
-            routes.clone().call(request)
+        let state = state.clone();
+        let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
+            handle(routes.clone(), state.clone(), peer, request)
         });
-        let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+        let http = http.clone();
+        let watcher = graceful.watcher();
+        let tls = tls.clone();
         tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(error = %e, %peer, "connection ended with an error");
+            match tls {
+                None => {
+                    let connection =
+                        watcher.watch(http.serve_connection(TokioIo::new(stream), service));
+                    finish(connection.await, peer);
+                }
+                Some(acceptor) => {
+                    // The handshake counts against the header timeout too.
+                    match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(stream)) => {
+                            let connection =
+                                watcher.watch(http.serve_connection(TokioIo::new(stream), service));
+                            finish(connection.await, peer);
+                        }
+                        Ok(Err(e)) => tracing::debug!(error = %e, %peer, "TLS handshake failed"),
+                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    }
+                }
             }
             drop(permit);
         });
@@ -76,12 +123,61 @@ pub async fn serve(listener: TcpListener, state: AppState, shutdown: impl Future
 
     drop(listener);
     sweeper.abort();
+    #[cfg(unix)]
+    if let Some(admin) = admin {
+        admin.abort();
+        let _ = std::fs::remove_file(crate::admin::socket_path(&state.config.data_dir));
+    }
     if tokio::time::timeout(DRAIN_DEADLINE, graceful.shutdown())
         .await
         .is_err()
     {
         tracing::warn!("requests still in flight after {DRAIN_DEADLINE:?}; stopping anyway");
     }
+}
+
+fn finish(result: Result<(), hyper::Error>, peer: SocketAddr) {
+    if let Err(e) = result {
+        tracing::debug!(error = %e, %peer, "connection ended with an error");
+    }
+}
+
+/// The layer every request passes through: request id, routes, metrics, one log line.
+async fn handle<S>(
+    mut routes: S,
+    state: AppState,
+    peer: SocketAddr,
+    mut request: hyper::Request<Incoming>,
+) -> Result<warp::reply::Response, Infallible>
+where
+    S: tower_service::Service<
+            hyper::Request<Incoming>,
+            Response = warp::reply::Response,
+            Error = Infallible,
+        >,
+{
+    let started = Instant::now();
+    let id = format!("{:016x}", rand::random::<u64>());
+    let method = request.method().clone();
+    let route = route_label(request.uri().path());
+    request.extensions_mut().insert(ClientAddr(peer));
+    let mut response = routes.call(request).await?;
+    if let Ok(value) = HeaderValue::from_str(&id) {
+        response.headers_mut().insert("x-request-id", value);
+    }
+    let status = response.status().as_u16();
+    let elapsed = started.elapsed();
+    state.metrics.record_request(route, status, elapsed);
+    tracing::info!(
+        target: "totpd::http",
+        %method,
+        route,
+        status,
+        latency_us = elapsed.as_micros() as u64,
+        request_id = %id,
+        "request"
+    );
+    Ok(response)
 }
 
 /// Once a minute, deletes expired temp tokens and keys and audit events past their retention,

@@ -12,6 +12,7 @@ use crate::clock::UnixTime;
 use crate::error::{Error, FieldError};
 use crate::input::{Credentials, PasswordChange, TotpVerify, VerifyCode};
 use crate::limits::Buckets;
+use crate::metrics::{Metrics, VerifyOutcome};
 use crate::models::{
     ActiveTotp, AuditEvent, Digest, EventKind, PendingTotp, StoredSecret, TempToken, User,
 };
@@ -63,6 +64,8 @@ pub struct TotpStatus {
 pub struct TotpSetup {
     pub secret_key: String,
     pub provisioning_uri: String,
+    /// The URI as an SVG QR code in a data URI.
+    pub qr_code: Option<String>,
 }
 
 pub struct Verified {
@@ -123,6 +126,7 @@ pub struct Service {
     keyring: Keyring,
     policy: Policy,
     login_failures: Buckets<String>,
+    metrics: Arc<Metrics>,
 }
 
 impl Service {
@@ -132,6 +136,7 @@ impl Service {
         keyring: Keyring,
         policy: Policy,
         login_failures: Buckets<String>,
+        metrics: Arc<Metrics>,
     ) -> Self {
         Self {
             store,
@@ -139,6 +144,7 @@ impl Service {
             keyring,
             policy,
             login_failures,
+            metrics,
         }
     }
 
@@ -214,6 +220,9 @@ impl Service {
                     Some(user),
                     if replay { "replay" } else { "wrong_code" },
                 )?;
+                if lock_started.is_some() {
+                    self.metrics.record_lockout();
+                }
                 match lock_started {
                     Some(HARD_LOCK) => self.audit(
                         ctx,
@@ -435,9 +444,11 @@ impl Service {
         }
         self.audit(ctx, EventKind::Setup, Some(user), "ok")?;
         self.store.persist().await?;
+        let provisioning_uri = totp::provisioning_uri(&self.policy.issuer, &user.username, &secret);
         Ok(TotpSetup {
             secret_key: secret.to_base32(),
-            provisioning_uri: totp::provisioning_uri(&self.policy.issuer, &user.username, &secret),
+            qr_code: crate::qr::svg_data_uri(&provisioning_uri),
+            provisioning_uri,
         })
     }
 
@@ -516,16 +527,16 @@ impl Service {
     /// last one used) or an unused recovery code turns the temp token into a login key.
     pub async fn verify(&self, input: TotpVerify, ctx: &Ctx) -> Result<Verified, Error> {
         let temp = secrets::token_digest(&input.temp_token);
-        let Some((_, user)) = self.store.live_temp_token(&temp, ctx.now)? else {
-            return Err(Error::InvalidTempToken);
-        };
-        let Some(active) = &user.totp else {
+        let live = self.store.live_temp_token(&temp, ctx.now)?;
+        let Some((user, active)) = live.and_then(|(_, u)| u.totp.clone().map(|t| (u, t))) else {
+            self.metrics.record_verify(VerifyOutcome::InvalidTempToken);
             return Err(Error::InvalidTempToken);
         };
         let hash = recovery_hasher(&input.token);
         let proof = match self.proof_for_any(&user, &input.token, &hash, ctx.now) {
             Ok(proof) => proof,
             Err(e) => {
+                self.metrics.record_verify(VerifyOutcome::Locked);
                 self.audit(ctx, EventKind::Verify, Some(&user), "locked")?;
                 return Err(e);
             }
@@ -544,6 +555,7 @@ impl Service {
                 recovery_code_used,
                 recovery_codes_remaining,
             } => {
+                self.metrics.record_verify(VerifyOutcome::Ok);
                 self.audit(ctx, EventKind::Verify, Some(&user), "ok")?;
                 if recovery_code_used {
                     self.audit(
@@ -561,12 +573,20 @@ impl Service {
                 })
             }
             LoginOutcome::Refused(refusal) => {
+                self.metrics.record_verify(match refusal {
+                    Refusal::Rejected { replay: true, .. } => VerifyOutcome::Replay,
+                    Refusal::Rejected { .. } => VerifyOutcome::WrongCode,
+                    Refusal::Locked { .. } => VerifyOutcome::Locked,
+                });
                 self.audit_refusal(ctx, EventKind::Verify, &user, refusal)?;
                 // The spent attempt and the failure count must survive a crash too.
                 self.store.persist().await?;
                 Err(refusal_error(refusal, ctx.now))
             }
-            LoginOutcome::InvalidTempToken => Err(Error::InvalidTempToken),
+            LoginOutcome::InvalidTempToken => {
+                self.metrics.record_verify(VerifyOutcome::InvalidTempToken);
+                Err(Error::InvalidTempToken)
+            }
         }
     }
 

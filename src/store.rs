@@ -27,6 +27,9 @@ use crate::models::{
 /// The layout of trees and keys this binary reads and writes.
 pub const SCHEMA_VERSION: u64 = 1;
 const SCHEMA_KEY: &[u8] = b"schema_version";
+/// Counters in the `meta` tree, kept in the same transactions as the changes they count.
+const USERS_COUNTER: &[u8] = b"users";
+const ACTIVE_COUNTER: &[u8] = b"totp_active";
 const KEY_CHECK_KEY: &[u8] = b"master_key_check";
 /// `last_used_at` of a key is rewritten at most this often (the idle timeout's precision).
 const KEY_TOUCH_INTERVAL: u64 = 60;
@@ -112,9 +115,22 @@ struct Tx<'a> {
     usernames: &'a TransactionalTree,
     keys: &'a TransactionalTree,
     temp_tokens: &'a TransactionalTree,
+    meta: &'a TransactionalTree,
 }
 
 impl Tx<'_> {
+    /// Adds `delta` to a counter in `meta`.
+    fn bump(&self, counter: &[u8], delta: i64) -> TxResult<()> {
+        let current = self
+            .meta
+            .get(counter)?
+            .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+            .map_or(0, u64::from_be_bytes);
+        let next = current.saturating_add_signed(delta);
+        self.meta.insert(counter, &next.to_be_bytes())?;
+        Ok(())
+    }
+
     fn user(&self, id: UserId) -> TxResult<Option<User>> {
         match self.users.get(id.to_be_bytes())? {
             Some(bytes) => decode(&bytes).map(Some).map_err(corrupt),
@@ -268,6 +284,7 @@ pub struct Store {
     keys: sled::Tree,
     temp_tokens: sled::Tree,
     audit: sled::Tree,
+    meta: sled::Tree,
     commit: GroupCommit,
 }
 
@@ -295,26 +312,66 @@ impl Store {
             })?;
         check_schema(&db, data_dir)?;
         let tree = |name: &str| db.open_tree(name).map_err(|e| io(e.to_string()));
-        let (users, usernames, keys, temp_tokens, audit) = (
+        let (users, usernames, keys, temp_tokens, audit, meta) = (
             tree("users")?,
             tree("usernames")?,
             tree("keys")?,
             tree("temp_tokens")?,
             tree("audit")?,
+            tree("meta")?,
         );
         let flusher = db.clone();
         let commit =
             GroupCommit::start(move || flusher.flush().map(|_| ()).map_err(|e| e.to_string()))
                 .map_err(|e| io(e.to_string()))?;
-        Ok(Self {
+        let store = Self {
             db,
             users,
             usernames,
             keys,
             temp_tokens,
             audit,
+            meta,
             commit,
-        })
+        };
+        if store
+            .meta
+            .get(USERS_COUNTER)
+            .map_err(|e| io(e.to_string()))?
+            .is_none()
+        {
+            store.recount().map_err(|e| io(e.to_string()))?;
+        }
+        Ok(store)
+    }
+
+    /// Rebuilds the user counters from the users themselves.
+    fn recount(&self) -> Result<(), StoreError> {
+        let (mut users, mut active) = (0u64, 0u64);
+        for user in self.users() {
+            users += 1;
+            active += u64::from(user?.totp.is_some());
+        }
+        self.meta.insert(USERS_COUNTER, &users.to_be_bytes())?;
+        self.meta.insert(ACTIVE_COUNTER, &active.to_be_bytes())?;
+        Ok(())
+    }
+
+    /// (users, users with TOTP active), from counters kept transactionally.
+    pub fn counts(&self) -> Result<(u64, u64), StoreError> {
+        let read = |name: &[u8]| -> Result<u64, StoreError> {
+            Ok(self
+                .meta
+                .get(name)?
+                .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+                .map_or(0, u64::from_be_bytes))
+        };
+        Ok((read(USERS_COUNTER)?, read(ACTIVE_COUNTER)?))
+    }
+
+    /// Whether the store answers a read (health check).
+    pub fn is_healthy(&self) -> bool {
+        self.db.get(SCHEMA_KEY).is_ok_and(|v| v.is_some())
     }
 
     /// Resolves once every write made before the call is on disk (shared with concurrent callers).
@@ -334,13 +391,20 @@ impl Store {
     }
 
     fn transact<T>(&self, f: impl Fn(&Tx<'_>) -> TxResult<T>) -> Result<T, StoreError> {
-        (&self.users, &self.usernames, &self.keys, &self.temp_tokens)
-            .transaction(|(users, usernames, keys, temp_tokens)| {
+        (
+            &self.users,
+            &self.usernames,
+            &self.keys,
+            &self.temp_tokens,
+            &self.meta,
+        )
+            .transaction(|(users, usernames, keys, temp_tokens, meta)| {
                 f(&Tx {
                     users,
                     usernames,
                     keys,
                     temp_tokens,
+                    meta,
                 })
             })
             .map_err(|e| match e {
@@ -350,7 +414,8 @@ impl Store {
     }
 
     /// Reads, changes and writes back one user atomically; `None` if there is no such user.
-    /// `change` returns the result and whether to write the user back.
+    /// `change` returns the result and whether to write the user back. The count of users with
+    /// TOTP active follows along.
     fn update_user<T>(
         &self,
         user_id: UserId,
@@ -360,9 +425,15 @@ impl Store {
             let Some(mut user) = tx.user(user_id)? else {
                 return Ok(None);
             };
+            let was_active = user.totp.is_some();
             let (result, write) = change(tx, &mut user)?;
             if write {
                 tx.put_user(&user)?;
+                match (was_active, user.totp.is_some()) {
+                    (false, true) => tx.bump(ACTIVE_COUNTER, 1)?,
+                    (true, false) => tx.bump(ACTIVE_COUNTER, -1)?,
+                    _ => {}
+                }
             }
             Ok(Some(result))
         })
@@ -394,6 +465,7 @@ impl Store {
             tx.usernames
                 .insert(username.as_bytes(), &id.to_be_bytes())?;
             tx.put_user(&user)?;
+            tx.bump(USERS_COUNTER, 1)?;
             Ok(Ok(user.clone()))
         })
     }
@@ -686,6 +758,38 @@ impl Store {
         })
     }
 
+    /// Deletes a user. Their keys and temp tokens die with them (they no longer resolve) and are
+    /// swept later. False if there was no such user.
+    pub fn remove_user(&self, user_id: UserId) -> Result<bool, StoreError> {
+        self.transact(|tx| {
+            let Some(user) = tx.user(user_id)? else {
+                return Ok(false);
+            };
+            tx.users.remove(&user_id.to_be_bytes())?;
+            tx.usernames.remove(user.username.as_bytes())?;
+            tx.bump(USERS_COUNTER, -1)?;
+            if user.totp.is_some() {
+                tx.bump(ACTIVE_COUNTER, -1)?;
+            }
+            Ok(true)
+        })
+    }
+
+    /// For a lost phone: clears the secret, any pending setup, the recovery codes and the lock,
+    /// and revokes every key and temp token of the user. False if no such user.
+    pub fn reset_totp(&self, user_id: UserId, now: UnixTime) -> Result<bool, StoreError> {
+        Ok(self
+            .update_user(user_id, |tx, user| {
+                user.totp = None;
+                user.pending = None;
+                user.failures = Default::default();
+                user.stamp += 1;
+                revoke_keys_in(tx, user, None, now)?;
+                Ok(((), true))
+            })?
+            .is_some())
+    }
+
     /// Clears a user's failure count and lock (administrator action). False if no such user.
     pub fn unlock(&self, user_id: UserId) -> Result<bool, StoreError> {
         Ok(self
@@ -822,6 +926,58 @@ impl Store {
             removed += 1;
         }
         Ok(removed)
+    }
+
+    /// Every record of every tree, tree by tree, for a backup. Each record is read atomically;
+    /// the whole is not one snapshot (sled has none), but every change acknowledged before the
+    /// call began is in it.
+    pub fn for_each_record(
+        &self,
+        mut f: impl FnMut(&str, &[u8], &[u8]) -> std::io::Result<()>,
+    ) -> Result<std::io::Result<u64>, StoreError> {
+        let mut count = 0;
+        for (name, tree) in self.named_trees() {
+            for entry in tree.iter() {
+                let (key, value) = entry?;
+                if let Err(e) = f(name, &key, &value) {
+                    return Ok(Err(e));
+                }
+                count += 1;
+            }
+        }
+        Ok(Ok(count))
+    }
+
+    /// Writes one record of a backup into this (new) store.
+    pub fn restore_record(&self, tree: &str, key: &[u8], value: &[u8]) -> Result<bool, StoreError> {
+        match self
+            .named_trees()
+            .into_iter()
+            .find(|(name, _)| *name == tree)
+        {
+            Some((_, tree)) => {
+                tree.insert(key, value)?;
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    /// Whether the store holds no user (a restore needs an empty one).
+    pub fn is_empty(&self) -> bool {
+        self.users.is_empty()
+    }
+
+    fn named_trees(&self) -> [(&'static str, &sled::Tree); 7] {
+        [
+            ("", &self.db),
+            ("meta", &self.meta),
+            ("users", &self.users),
+            ("usernames", &self.usernames),
+            ("keys", &self.keys),
+            ("temp_tokens", &self.temp_tokens),
+            ("audit", &self.audit),
+        ]
     }
 
     /// Bytes the data dir's sled files take.

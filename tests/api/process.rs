@@ -190,21 +190,18 @@ fn bad_configuration_stops_the_start_with_one_line_per_problem() {
 }
 
 #[tokio::test]
-async fn a_second_process_on_the_same_data_dir_says_so_in_one_line() {
+async fn a_second_server_on_the_same_data_dir_says_so_in_one_line() {
     let dir = tempfile::tempdir().expect("tempdir");
     prepare(dir.path());
     let server = Server::start(dir.path());
-    let out = add_user(dir.path(), "bob", "password123");
-    assert_eq!(out.status.code(), Some(1));
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(stderr.lines().count(), 1, "{stderr}");
-    assert!(stderr.contains("in use"), "{stderr}");
     let second = totpd(dir.path())
         .args(["serve", "--listen", "127.0.0.1:0"])
         .output()
         .expect("run");
     assert_eq!(second.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&second.stderr).contains("in use"));
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("in use"), "{stderr}");
     // The first server is unaffected.
     let (status, _) = server
         .post(
@@ -214,6 +211,84 @@ async fn a_second_process_on_the_same_data_dir_says_so_in_one_line() {
         )
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
+}
+
+/// Every admin command works while the server holds the data dir (through its socket) and
+/// without it (opening the data dir directly), with the same results.
+#[tokio::test]
+async fn admin_commands_work_with_and_without_a_running_server() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    prepare(dir.path());
+    let run = |args: &[&str]| {
+        let out = totpd(dir.path()).args(args).output().expect("run");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    for running in [false, true] {
+        let server = running.then(|| Server::start(dir.path()));
+        let name = if running { "alice" } else { "carol" };
+        let out = add_user(dir.path(), name, "password123");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let again = add_user(dir.path(), name, "password123");
+        assert_eq!(again.status.code(), Some(1));
+        assert!(String::from_utf8_lossy(&again.stderr).contains("already exists"));
+        let (code, list, _) = run(&["user", "list"]);
+        assert_eq!(code, Some(0));
+        assert!(
+            list.lines()
+                .any(|l| l.starts_with(name) && l.contains("off") && l.contains("never")),
+            "{list}"
+        );
+        let (code, _, err) = run(&["user", "unlock", name]);
+        assert_eq!(code, Some(0), "{err}");
+        let (code, _, err) = run(&["user", "reset-totp", name]);
+        assert_eq!(code, Some(0), "{err}");
+        let (code, _, err) = run(&["user", "remove", "nobody"]);
+        assert_eq!(code, Some(1));
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.contains("no user named"), "{err}");
+        if let Some(server) = &server {
+            // The user created through the socket logs in over HTTP.
+            let (status, _) = server
+                .post(
+                    "/api/v1/auth/login/",
+                    None,
+                    json!({"username": name, "password": "password123"}),
+                )
+                .await;
+            assert_eq!(status, StatusCode::OK);
+        }
+        drop(server);
+    }
+    let (_, list, _) = run(&["user", "list"]);
+    assert!(list.contains("alice") && list.contains("carol"), "{list}");
+    let (code, _, err) = run(&["user", "remove", "carol"]);
+    assert_eq!(code, Some(0), "{err}");
+    let (_, list, _) = run(&["user", "list"]);
+    assert!(!list.contains("carol"), "{list}");
+}
+
+#[cfg(unix)]
+#[test]
+fn the_admin_socket_is_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    prepare(dir.path());
+    let server = Server::start(dir.path());
+    let socket = dir.path().join("admin.sock");
+    let mode = std::fs::metadata(&socket)
+        .expect("socket exists")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    drop(server);
 }
 
 /// Every acknowledged change survives `kill -9` right after the answer: activation, the consumed
