@@ -229,8 +229,9 @@ fn serve(config: Config) -> Result<(), String> {
         .build()
         .map_err(|e| format!("cannot start the runtime: {e}"))?;
     let listen = config.listen;
+    // Checked before anything is created in the data dir.
+    let tls = crate::tls::acceptor(&config)?;
     let state = AppState::build(config, Arc::new(SystemClock)).map_err(|e| e.to_string())?;
-    let tls = crate::tls::acceptor(&state.config)?;
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(listen)
             .await

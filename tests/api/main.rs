@@ -10,6 +10,8 @@ mod abuse;
 mod auth;
 /// The framework-level errors: 404, 405, 413, 415, parse errors, body-less POSTs, headers.
 mod http;
+/// Operations: OpenAPI document, QR codes, health, metrics, request ids, backup, TLS.
+mod operations;
 /// The binary: CLI, listening line, config errors, restart and kill -9 durability.
 mod process;
 /// Parallel double-spends of temp tokens, time steps, recovery codes and activation.

@@ -55,10 +55,16 @@ struct Server {
 
 impl Server {
     fn start(dir: &Path) -> Server {
-        let mut child = totpd(dir)
+        let mut command = totpd(dir);
+        command.stderr(Stdio::null());
+        Server::launch(command)
+    }
+
+    /// Runs `command serve --listen 127.0.0.1:0` and waits for its listening line.
+    fn launch(mut command: Command) -> Server {
+        let mut child = command
             .args(["serve", "--listen", "127.0.0.1:0"])
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
             .spawn()
             .expect("spawn server");
         let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
@@ -66,10 +72,14 @@ impl Server {
         stdout.read_line(&mut line).expect("listening line");
         let addr = line
             .trim_end()
-            .strip_prefix("listening on http://")
+            .strip_prefix("listening on ")
             .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
             .to_owned();
-        let _: std::net::SocketAddr = addr.parse().expect("IP:PORT");
+        let _: std::net::SocketAddr = addr
+            .rsplit("://")
+            .next()
+            .and_then(|a| a.parse().ok())
+            .expect("IP:PORT");
         // Keep draining stdout so the server never blocks on it; it must print nothing more.
         std::thread::spawn(move || {
             let mut rest = String::new();
@@ -79,8 +89,34 @@ impl Server {
         });
         Server {
             child,
-            base: format!("http://{addr}"),
+            base: addr,
             client: reqwest::Client::new(),
+        }
+    }
+
+    /// The address, without the scheme.
+    fn addr(&self) -> &str {
+        self.base.rsplit("://").next().unwrap_or_default()
+    }
+
+    /// Stops the server with SIGTERM and returns its exit status.
+    fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        let killed = Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill");
+        assert!(killed.success());
+        let started = std::time::Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(15),
+                "no exit after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 
@@ -384,27 +420,360 @@ async fn kill_9_right_after_a_response_loses_nothing() {
     server.kill9();
 }
 
+/// SIGTERM: requests in flight are answered, the process exits 0, and what they wrote is there
+/// after a restart.
 #[tokio::test]
-async fn sigterm_stops_the_server_cleanly() {
+async fn sigterm_finishes_requests_in_flight_and_exits_cleanly() {
     let dir = tempfile::tempdir().expect("tempdir");
     prepare(dir.path());
-    let mut server = Server::start(dir.path());
-    let pid = server.child.id().to_string();
-    let killed = Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .expect("kill");
-    assert!(killed.success());
-    let mut waited = Duration::ZERO;
-    loop {
-        if let Some(status) = server.child.try_wait().expect("wait") {
-            assert!(status.success(), "exit status {status}");
-            break;
-        }
-        assert!(waited < Duration::from_secs(10), "no exit after SIGTERM");
-        std::thread::sleep(Duration::from_millis(50));
-        waited += Duration::from_millis(50);
+    // Real-cost Argon2 for this user, so logins are in flight when the signal comes.
+    let mut add = totpd(dir.path());
+    add.env("TOTPD_ARGON2_MEMORY_KIB", "19456")
+        .env("TOTPD_ARGON2_ITERATIONS", "2")
+        .args(["user", "add", "alice", "--password-stdin"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null());
+    let mut child = add.spawn().expect("spawn");
+    writeln!(child.stdin.take().expect("stdin"), "password123").expect("write");
+    assert!(child.wait().expect("wait").success());
+    let mut command = totpd(dir.path());
+    command
+        .env("TOTPD_HASH_THREADS", "1")
+        .env("TOTPD_RATE_LIMIT_PER_MINUTE", "0")
+        .stderr(Stdio::null());
+    let server = Server::launch(command);
+    let mut logins = tokio::task::JoinSet::new();
+    for _ in 0..12 {
+        let (client, base) = (server.client.clone(), server.base.clone());
+        logins.spawn(async move {
+            client
+                .post(format!("{base}/api/v1/auth/login/"))
+                .json(&json!({"username": "alice", "password": "password123"}))
+                .send()
+                .await
+                .map(|r| r.status())
+        });
     }
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    let status = tokio::task::spawn_blocking(move || server.terminate())
+        .await
+        .expect("task");
+    assert!(status.success(), "exit status {status}");
+    let mut answered = 0;
+    let mut refused = 0;
+    while let Some(result) = logins.join_next().await {
+        match result.expect("task") {
+            Ok(StatusCode::OK) => answered += 1,
+            Ok(other) => panic!("unexpected {other}"),
+            // Not yet accepted when the listener closed: refused, never cut off mid-answer.
+            Err(e) if e.is_connect() => refused += 1,
+            Err(e) => panic!("a request in flight was dropped: {e}"),
+        }
+    }
+    assert!(answered > 0, "no login was in flight ({refused} refused)");
+    // The restarted server has every key the answered logins were given (checked via events).
+    let out = totpd(dir.path())
+        .args(["events", "--json"])
+        .output()
+        .expect("run");
+    let logins_recorded = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains("\"login\"") && l.contains("\"ok\""))
+        .count();
+    assert_eq!(logins_recorded, answered);
+}
+
+#[tokio::test]
+async fn healthcheck_exits_0_only_when_the_server_answers() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    prepare(dir.path());
+    let server = Server::start(dir.path());
+    let probe = |addr: &str| {
+        totpd(dir.path())
+            .env("TOTPD_LISTEN", addr)
+            .arg("healthcheck")
+            .output()
+            .expect("run")
+    };
+    let up = probe(server.addr());
+    assert!(
+        up.status.success(),
+        "{}",
+        String::from_utf8_lossy(&up.stderr)
+    );
+    let addr = server.addr().to_owned();
+    server.kill9();
+    let down = probe(&addr);
+    assert_eq!(down.status.code(), Some(1));
+    assert_eq!(String::from_utf8_lossy(&down.stderr).lines().count(), 1);
+}
+
+/// A full flow with logs at trace level in JSON: one line per request with its id, and no code,
+/// key, token, password or secret anywhere in the log.
+#[tokio::test]
+async fn logs_have_a_line_per_request_and_no_secrets() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    prepare(dir.path());
+    assert!(
+        add_user(dir.path(), "alice", "password123")
+            .status
+            .success()
+    );
+    let log_path = dir.path().join("server.log");
+    let log = std::fs::File::create(&log_path).expect("log file");
+    let mut command = totpd(dir.path());
+    command
+        .env("TOTPD_LOG_FORMAT", "json")
+        .env("TOTPD_LOG_LEVEL", "trace")
+        .stderr(Stdio::from(log));
+    let server = Server::launch(command);
+    let mut secrets: Vec<String> = vec!["password123".into()];
+    let key = server.login().await["key"]
+        .as_str()
+        .expect("key")
+        .to_owned();
+    secrets.push(key.clone());
+    let (_, setup) = server
+        .post("/api/v1/auth/totp/setup/", Some(&key), json!({}))
+        .await;
+    let secret = setup["secret_key"].as_str().expect("secret").to_owned();
+    secrets.push(secret.clone());
+    secrets.push(setup["provisioning_uri"].as_str().expect("uri").to_owned());
+    let totp = Totp::from_url(setup["provisioning_uri"].as_str().expect("uri")).expect("uri");
+    let code = totp.generate_current().to_string();
+    let (_, activated) = server
+        .post(
+            "/api/v1/auth/totp/activate/",
+            Some(&key),
+            json!({"token": code}),
+        )
+        .await;
+    let recovery: Vec<String> =
+        serde_json::from_value(activated["recovery_codes"].clone()).expect("codes");
+    secrets.extend(recovery.iter().cloned());
+    secrets.extend(recovery.iter().map(|c| c.replace('-', "")));
+    let login = server.login().await;
+    let temp = login["temp_token"].as_str().expect("temp").to_owned();
+    secrets.push(temp.clone());
+    let response = server
+        .client
+        .post(format!("{}/api/v1/auth/totp/verify/", server.base))
+        .json(&json!({"temp_token": temp, "token": recovery[0]}))
+        .send()
+        .await
+        .expect("verify");
+    let request_id = response.headers()["x-request-id"]
+        .to_str()
+        .expect("id")
+        .to_owned();
+    let verified: Value = response.json().await.expect("json");
+    secrets.push(verified["key"].as_str().expect("key").to_owned());
+    let (_, _) = server.verify(&code).await; // a replayed code, refused
+    assert!(server.terminate().success());
+
+    let text = std::fs::read_to_string(&log_path).expect("log");
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|_| panic!("not JSON: {l}")))
+        .collect();
+    let requests: Vec<&Value> = lines.iter().filter(|l| l["message"] == "request").collect();
+    // login, setup, activate, login, verify, login, verify
+    assert_eq!(requests.len(), 7, "one line per request");
+    let verify_line = requests
+        .iter()
+        .find(|l| l["request_id"] == json!(request_id))
+        .expect("the verify request's line");
+    assert_eq!(verify_line["route"], json!("/api/v1/auth/totp/verify/"));
+    assert_eq!(verify_line["status"], json!(200));
+    assert_eq!(verify_line["method"], json!("POST"));
+    assert!(verify_line["latency_us"].is_u64());
+    fn strings<'a>(value: &'a Value, out: &mut Vec<&'a str>) {
+        match value {
+            Value::String(s) => out.push(s),
+            Value::Array(items) => items.iter().for_each(|v| strings(v, out)),
+            Value::Object(map) => map
+                .iter()
+                .filter(|(k, _)| k.as_str() != "timestamp")
+                .for_each(|(_, v)| strings(v, out)),
+            _ => {}
+        }
+    }
+    let mut values = Vec::new();
+    lines.iter().for_each(|l| strings(l, &mut values));
+    for secret in &secrets {
+        assert!(!text.contains(secret.as_str()), "a secret is in the log");
+    }
+    assert!(
+        !values.iter().any(|v| v.contains(code.as_str())),
+        "the TOTP code is in the log"
+    );
+    assert!(
+        !text.contains(&data_encoding_base32_raw(&secret)),
+        "raw secret bytes in the log"
+    );
+}
+
+/// Any byte pattern of the secret in hex, as a log line might print it.
+fn data_encoding_base32_raw(secret: &str) -> String {
+    let bytes = data_encoding::BASE32_NOPAD
+        .decode(secret.as_bytes())
+        .expect("base32");
+    data_encoding::HEXLOWER.encode(&bytes)
+}
+
+#[tokio::test]
+async fn backup_while_serving_then_restore_into_an_empty_data_dir() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    prepare(dir.path());
+    assert!(
+        add_user(dir.path(), "alice", "password123")
+            .status
+            .success()
+    );
+    let server = Server::start(dir.path());
+    let key = server.login().await["key"]
+        .as_str()
+        .expect("key")
+        .to_owned();
+    let backup = dir.path().join("totpd.backup");
+    let out = totpd(dir.path())
+        .arg("backup")
+        .arg(&backup)
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("backed up"));
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&backup)
+            .expect("backup file")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+    drop(server);
+
+    let target = tempfile::tempdir().expect("tempdir");
+    prepare(target.path());
+    let out = totpd(target.path())
+        .arg("restore")
+        .arg(&backup)
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let again = totpd(target.path())
+        .arg("restore")
+        .arg(&backup)
+        .output()
+        .expect("run");
+    assert_eq!(
+        again.status.code(),
+        Some(1),
+        "a restore needs an empty data dir"
+    );
+    std::fs::copy(
+        dir.path().join("master.key"),
+        target.path().join("master.key"),
+    )
+    .expect("key");
+    let server = Server::start(target.path());
+    assert_eq!(
+        server.status(&key).await.0,
+        StatusCode::OK,
+        "the key came back"
+    );
+}
+
+#[tokio::test]
+async fn tls_serves_https_and_the_healthcheck_speaks_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    prepare(dir.path());
+    let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()])
+        .expect("certificate");
+    let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert_path, cert.cert.pem()).expect("write");
+    std::fs::write(&key_path, cert.signing_key.serialize_pem()).expect("write");
+    let mut command = totpd(dir.path());
+    command
+        .env("TOTPD_TLS_CERT", &cert_path)
+        .env("TOTPD_TLS_KEY", &key_path)
+        .stderr(Stdio::null());
+    let server = Server::launch(command);
+    assert!(server.base.starts_with("https://"), "{}", server.base);
+
+    // A TLS client that trusts the test certificate gets an answer.
+    let mut roots = tokio_rustls::rustls::RootCertStore::empty();
+    roots.add(cert.cert.der().clone()).expect("root");
+    let config = tokio_rustls::rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        tokio_rustls::rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(server.addr())
+        .await
+        .expect("connect");
+    let name = rustls_pki_types::ServerName::try_from("127.0.0.1").expect("name");
+    let mut tls = connector.connect(name, tcp).await.expect("handshake");
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    tls.write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("write");
+    let mut answer = Vec::new();
+    let _ = tls.read_to_end(&mut answer).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("\"status\":\"ok\""), "{answer}");
+
+    // Plain HTTP on the TLS port gets no HTTP answer.
+    let plain = crate::helpers::raw_request(
+        server.addr().parse().expect("addr"),
+        b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n",
+    )
+    .await;
+    assert!(!plain.starts_with("HTTP/1.1 200"), "{plain}");
+
+    let probe = totpd(dir.path())
+        .env("TOTPD_LISTEN", server.addr())
+        .env("TOTPD_TLS_CERT", &cert_path)
+        .env("TOTPD_TLS_KEY", &key_path)
+        .arg("healthcheck")
+        .output()
+        .expect("run");
+    assert!(
+        probe.status.success(),
+        "{}",
+        String::from_utf8_lossy(&probe.stderr)
+    );
+}
+
+#[test]
+fn a_bad_certificate_stops_the_start_with_one_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    prepare(dir.path());
+    let cert = dir.path().join("cert.pem");
+    std::fs::write(&cert, "not a certificate").expect("write");
+    let out = totpd(dir.path())
+        .env("TOTPD_TLS_CERT", &cert)
+        .env("TOTPD_TLS_KEY", &cert)
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("tls_cert"), "{stderr}");
 }
 
 /// `rotate-key` re-seals every secret under a new key: codes keep working, the key file holds
