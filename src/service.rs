@@ -243,6 +243,31 @@ impl Service {
         }
     }
 
+    /// Records the outcome of a code-guarded action and makes it durable. True when the action
+    /// was done; a refused code is the error to answer; false on a conflict (the caller says which).
+    async fn settle(
+        &self,
+        ctx: &Ctx,
+        kind: EventKind,
+        user: &User,
+        outcome: Guarded,
+    ) -> Result<bool, Error> {
+        match outcome {
+            Guarded::Done { .. } => {
+                self.audit(ctx, kind, Some(user), "ok")?;
+                self.store.persist().await?;
+                Ok(true)
+            }
+            Guarded::Refused(refusal) => {
+                self.audit_refusal(ctx, kind, user, refusal)?;
+                // The failure count (and any lock it started) must survive a crash too.
+                self.store.persist().await?;
+                Err(refusal_error(refusal, ctx.now))
+            }
+            Guarded::Conflict => Ok(false),
+        }
+    }
+
     fn open_secret(&self, user: &User, stored: &StoredSecret) -> Result<Secret, Error> {
         Ok(self.keyring.open(user.id, stored)?)
     }
@@ -487,23 +512,14 @@ impl Service {
             &self.policy.lockout,
             ctx.now,
         )?;
-        match outcome {
-            Guarded::Done { .. } => {
-                self.audit(ctx, EventKind::Activate, Some(user), "ok")?;
-                self.store.persist().await?;
-                Ok(codes.shown)
-            }
-            Guarded::Refused(refusal) => {
-                self.audit_refusal(ctx, EventKind::Activate, user, refusal)?;
-                self.store.persist().await?;
-                Err(refusal_error(refusal, ctx.now))
-            }
-            Guarded::Conflict => Err(match self.store.user(user.id)? {
-                Some(now) if now.totp.is_some() => Error::TotpAlreadyActive,
-                Some(now) if now.pending.is_none() => Error::TotpNotPending,
-                _ => Error::InvalidCode, // a newer setup replaced the secret the code was for
-            }),
+        if self.settle(ctx, EventKind::Activate, user, outcome).await? {
+            return Ok(codes.shown);
         }
+        Err(match self.store.user(user.id)? {
+            Some(now) if now.totp.is_some() => Error::TotpAlreadyActive,
+            Some(now) if now.pending.is_none() => Error::TotpNotPending,
+            _ => Error::InvalidCode, // a newer setup replaced the secret the code was for
+        })
     }
 
     /// A proof for a code that may be a TOTP code (against the active secret) or a recovery code.
@@ -618,19 +634,13 @@ impl Service {
             &session.key_digest,
             ctx.now,
         )?;
-        match outcome {
-            Guarded::Done { .. } => {
-                self.audit(ctx, EventKind::Deactivate, Some(user), "ok")?;
-                self.store.persist().await?;
-                Ok(())
-            }
-            Guarded::Refused(refusal) => {
-                self.audit_refusal(ctx, EventKind::Deactivate, user, refusal)?;
-                self.store.persist().await?;
-                Err(refusal_error(refusal, ctx.now))
-            }
-            Guarded::Conflict => Err(Error::TotpNotActive),
+        if self
+            .settle(ctx, EventKind::Deactivate, user, outcome)
+            .await?
+        {
+            return Ok(());
         }
+        Err(Error::TotpNotActive)
     }
 
     /// POST /api/v1/auth/totp/recovery-codes/ — a fresh set for a current code or a recovery
@@ -656,19 +666,13 @@ impl Service {
             &self.policy.lockout,
             ctx.now,
         )?;
-        match outcome {
-            Guarded::Done { .. } => {
-                self.audit(ctx, EventKind::RecoveryCodesRegenerated, Some(user), "ok")?;
-                self.store.persist().await?;
-                Ok(codes.shown)
-            }
-            Guarded::Refused(refusal) => {
-                self.audit_refusal(ctx, EventKind::RecoveryCodesRegenerated, user, refusal)?;
-                self.store.persist().await?;
-                Err(refusal_error(refusal, ctx.now))
-            }
-            Guarded::Conflict => Err(Error::TotpNotActive),
+        if self
+            .settle(ctx, EventKind::RecoveryCodesRegenerated, user, outcome)
+            .await?
+        {
+            return Ok(codes.shown);
         }
+        Err(Error::TotpNotActive)
     }
 }
 
