@@ -11,7 +11,7 @@ use criterion::Criterion;
 use hmac::{Hmac, Mac};
 use sha1::Sha1;
 use subtle::ConstantTimeEq;
-use totp_rs::{Algorithm, TOTP};
+use totp_rs::{Algorithm, Builder};
 use totpd::totp::{self, Code, DIGITS, PERIOD, Secret};
 
 /// Median nanoseconds per verification.
@@ -93,10 +93,18 @@ pub fn run(dir: &Path, quick: bool) -> Result<CoreResult, String> {
         .map_err(|e| e.to_string())?
         .to_vec();
     let secret = Secret::from_bytes(bytes.clone());
-    let rs = TOTP::new(Algorithm::SHA1, 6, 1, 30, bytes.clone(), None, "bench".into())
+    let rs = Builder::new()
+        .with_algorithm(Algorithm::SHA1)
+        .with_digits(6)
+        .with_skew(1)
+        .with_step_duration(30)
+        .with_secret(bytes.clone())
+        .build()
         .map_err(|e| format!("totp-rs: {e}"))?;
     let now: u64 = 1_700_000_015;
-    let valid = totp::code_at(&secret, totp::step_at(now)).as_str().to_owned();
+    let valid = totp::code_at(&secret, totp::step_at(now))
+        .as_str()
+        .to_owned();
     let window: Vec<String> = (totp::step_at(now) - 1..=totp::step_at(now) + 1)
         .map(|s| totp::code_at(&secret, s).as_str().to_owned())
         .collect();

@@ -70,6 +70,12 @@ pub struct Outcome {
     pub io_errors: u64,
     /// A worker ran out of prepared data before the window ended.
     pub exhausted: bool,
+    /// Answers received, warm-up included.
+    pub answered: u64,
+    /// Server CPU time (user + system) per answered request, in microseconds, when measured.
+    pub server_cpu_us: Option<f64>,
+    /// Bytes the server wrote to storage per answered request, when measured.
+    pub server_write_bytes: Option<f64>,
     /// Up to three examples of unexpected answers, for the log.
     pub samples: Vec<String>,
 }
@@ -153,6 +159,7 @@ impl Conn {
 
 struct WorkerResult {
     requests: u64,
+    answered: u64,
     latency: Histogram<u64>,
     unexpected: u64,
     io_errors: u64,
@@ -170,6 +177,7 @@ async fn worker(
 ) -> WorkerResult {
     let mut result = WorkerResult {
         requests: 0,
+        answered: 0,
         latency: histogram(),
         unexpected: 0,
         io_errors: 0,
@@ -201,6 +209,7 @@ async fn worker(
         let elapsed = started.elapsed();
         match answer {
             Ok((status, body)) => {
+                result.answered += 1;
                 if status != req.expect {
                     result.unexpected += 1;
                     note(
@@ -221,7 +230,10 @@ async fn worker(
             }
             Err(e) => {
                 result.io_errors += 1;
-                note(&mut result.samples, format!("{} {}: {e}", req.method, req.path));
+                note(
+                    &mut result.samples,
+                    format!("{} {}: {e}", req.method, req.path),
+                );
                 conn = None;
             }
         }
@@ -235,8 +247,38 @@ fn note(samples: &mut Vec<String>, sample: String) {
     }
 }
 
-/// Runs one worker per source against `addr` for `timing`, then merges what they measured.
-pub async fn run(addr: SocketAddr, sources: Vec<Source>, timing: Timing) -> Outcome {
+/// CPU time (user + system) process `pid` has used, in seconds (`None`: the process is gone).
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces) in parentheses; utime and stime
+    // are the 14th and 15th fields, in clock ticks of 1/100 s.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(ticks as f64 / 100.0)
+}
+
+/// Bytes process `pid` caused to be written to storage so far (`write_bytes` of /proc/PID/io).
+pub fn write_bytes(pid: u32) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/io"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("write_bytes:"))?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Runs one worker per source against `addr` for `timing`, then merges what they measured;
+/// with `server` (its pid), also the server's CPU time per request.
+pub async fn run(
+    addr: SocketAddr,
+    sources: Vec<Source>,
+    timing: Timing,
+    server: Option<u32>,
+) -> Outcome {
+    let cpu_before = server.and_then(cpu_seconds);
+    let written_before = server.and_then(write_bytes);
     let start = Instant::now();
     let window_start = start + timing.warmup;
     let deadline = window_start + timing.measure;
@@ -251,6 +293,9 @@ pub async fn run(addr: SocketAddr, sources: Vec<Source>, timing: Timing) -> Outc
         unexpected: 0,
         io_errors: 0,
         exhausted: false,
+        answered: 0,
+        server_cpu_us: None,
+        server_write_bytes: None,
         samples: Vec::new(),
     };
     let mut last_end = window_start;
@@ -260,6 +305,7 @@ pub async fn run(addr: SocketAddr, sources: Vec<Source>, timing: Timing) -> Outc
             continue;
         };
         outcome.requests += r.requests;
+        outcome.answered += r.answered;
         let _ = outcome.latency.add(&r.latency);
         outcome.unexpected += r.unexpected;
         outcome.io_errors += r.io_errors;
@@ -269,6 +315,19 @@ pub async fn run(addr: SocketAddr, sources: Vec<Source>, timing: Timing) -> Outc
             note(&mut outcome.samples, s);
         }
     }
-    outcome.seconds = last_end.saturating_duration_since(window_start).as_secs_f64();
+    outcome.seconds = last_end
+        .saturating_duration_since(window_start)
+        .as_secs_f64();
+    if let (Some(before), Some(after)) = (cpu_before, server.and_then(cpu_seconds)) {
+        if outcome.answered > 0 {
+            outcome.server_cpu_us = Some((after - before) * 1e6 / outcome.answered as f64);
+        }
+    }
+    if let (Some(before), Some(after)) = (written_before, server.and_then(write_bytes)) {
+        if outcome.answered > 0 {
+            outcome.server_write_bytes =
+                Some(after.saturating_sub(before) as f64 / outcome.answered as f64);
+        }
+    }
     outcome
 }

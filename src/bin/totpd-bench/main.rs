@@ -1,1 +1,543 @@
-fn main() {}
+//! `totpd-bench`: starts the real `totpd` on temporary data dirs, prepares users itself, drives
+//! HTTP load over loopback with many keep-alive connections, and reports every endpoint against
+//! a constant-answer baseline route measured in the same run on the same server. See
+//! BENCHMARKS.md for what it measures and the latest figures.
+//!
+//! Run it with `cargo run --release --features bench --bin totpd-bench -- --quick` (about two
+//! minutes) or without `--quick` (under ten). Nothing in `cargo test` depends on it.
+
+mod core;
+mod load;
+mod report;
+mod scenarios;
+mod seed;
+mod server;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use totpd::password::Argon2Settings;
+
+use crate::load::Timing;
+use crate::report::{CONCURRENCY, Memory, Results, Row, ScalePoint};
+use crate::scenarios::Endpoint;
+use crate::seed::{MainPlan, Seeder};
+use crate::server::Server;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "totpd-bench",
+    about = "Benchmarks totpd over real HTTP against a baseline route measured in the same run"
+)]
+struct Args {
+    /// Shorter scenarios and no 1 000 000-user data dir (about 2 minutes instead of 10)
+    #[arg(long)]
+    quick: bool,
+    /// Where the CSV files, the SVG chart and results.md go
+    #[arg(long, value_name = "DIR", default_value = "bench-results")]
+    out: PathBuf,
+    /// The totpd binary to test (built with --features bench) [default: the totpd next to this
+    /// binary, which `cargo run` first brings up to date]
+    #[arg(long, value_name = "PATH")]
+    server: Option<PathBuf>,
+    /// Threads of the load generator's runtime
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    client_threads: usize,
+    /// Where the temporary data dirs go [default: the system's temp dir]
+    #[arg(long, value_name = "DIR")]
+    work_dir: Option<PathBuf>,
+    /// Keep the data dirs and server logs after the run
+    #[arg(long)]
+    keep: bool,
+    /// Skip the criterion benchmark of the TOTP core
+    #[arg(long)]
+    skip_core: bool,
+    /// Skip the endpoint scenarios
+    #[arg(long)]
+    skip_endpoints: bool,
+    /// Skip the idle, memory, start-up and scale measurements
+    #[arg(long)]
+    skip_scale: bool,
+    /// Measure only these endpoints (comma-separated names from the table; the baseline always
+    /// runs)
+    #[arg(long, value_name = "NAMES", value_delimiter = ',')]
+    only: Vec<String>,
+}
+
+/// How long and how big: `--quick` or the full run.
+struct Plan {
+    timing: Timing,
+    mixed: Timing,
+    main: MainPlan,
+    scale: Vec<u64>,
+    /// Verifies per scale point, at `scale_concurrency`.
+    scale_requests: usize,
+    scale_concurrency: usize,
+}
+
+impl Plan {
+    fn new(quick: bool) -> Self {
+        let f = if quick { 1 } else { 3 };
+        Self {
+            timing: Timing {
+                warmup: Duration::from_millis(if quick { 250 } else { 500 }),
+                measure: Duration::from_millis(if quick { 1000 } else { 3000 }),
+            },
+            mixed: Timing {
+                warmup: Duration::from_millis(500),
+                measure: Duration::from_secs(if quick { 2 } else { 5 }),
+            },
+            main: MainPlan {
+                per_worker: 64,
+                setup: 20_000 * f,
+                activate: 25_000 * f,
+                valid_users: 15_000 * f,
+                valid_per_user: 3,
+                recovery_users: 3_000 * f,
+                wrong_tokens: 6_000 * f,
+            },
+            scale: if quick {
+                vec![1_000, 100_000]
+            } else {
+                vec![1_000, 100_000, 1_000_000]
+            },
+            scale_requests: 3_000,
+            scale_concurrency: 16,
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("totpd-bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn machine() -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .and_then(|rest| rest.split_once(':'))
+        .map_or("unknown CPU".to_owned(), |(_, m)| m.trim().to_owned());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        .map_or(String::new(), |kib| {
+            format!(", {:.0} GiB RAM", kib / 1024.0 / 1024.0)
+        });
+    format!("{cores} cores, {model}{mem}, Linux")
+}
+
+/// The profile directory this binary was built into, and the cargo flag that selects it.
+fn profile_of(exe_dir: &Path) -> (String, Vec<String>) {
+    let name = exe_dir
+        .file_name()
+        .map_or("debug".into(), |n| n.to_string_lossy().into_owned());
+    let flags = match name.as_str() {
+        "debug" => vec![],
+        "release" => vec!["--release".into()],
+        other => vec!["--profile".into(), other.into()],
+    };
+    (name, flags)
+}
+
+/// The server binary: `--server`, else the `totpd` next to this binary. `cargo run --bin
+/// totpd-bench` builds only this binary, so when cargo started us, we ask it to bring `totpd` up
+/// to date too, with the same profile, features and target dir.
+fn server_binary(args: &Args) -> Result<(PathBuf, String), String> {
+    if let Some(path) = &args.server {
+        return Ok((path.clone(), "given with --server".into()));
+    }
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let dir = exe.parent().ok_or("no directory for this binary")?;
+    let (profile, flags) = profile_of(dir);
+    let bin = dir.join("totpd");
+    if let (Some(cargo), Some(manifest)) = (
+        std::env::var_os("CARGO"),
+        std::env::var_os("CARGO_MANIFEST_DIR"),
+    ) {
+        let target_dir = dir.parent().ok_or("no target dir")?;
+        eprintln!("building totpd (profile {profile}, --features bench) with cargo …");
+        let status = Command::new(cargo)
+            .current_dir(manifest)
+            .args(["build", "--features", "bench", "--bin", "totpd"])
+            .args(&flags)
+            .arg("--target-dir")
+            .arg(target_dir)
+            .status()
+            .map_err(|e| format!("cannot run cargo: {e}"))?;
+        if !status.success() {
+            return Err("building totpd failed".into());
+        }
+    }
+    if !bin.exists() {
+        return Err(format!(
+            "{} does not exist: build it with `cargo build --release --features bench` or pass --server",
+            bin.display()
+        ));
+    }
+    Ok((bin, format!("profile {profile}, features bench")))
+}
+
+/// Median seconds of one Argon2 run with `settings` on this machine.
+fn argon2_seconds(settings: Argon2Settings) -> Result<f64, String> {
+    let hasher = totpd::password::PasswordHasher::new(settings, 1).map_err(|e| e.to_string())?;
+    let mut times: Vec<f64> = (0..5)
+        .map(|_| {
+            let start = Instant::now();
+            let _ = hasher.hash_now(seed::PASSWORD);
+            start.elapsed().as_secs_f64()
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    Ok(times[2])
+}
+
+/// The first three fields of /proc/loadavg.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn memory(server: &Server) -> Memory {
+    let (peak, current) = server.memory();
+    Memory { peak, current }
+}
+
+fn progress(label: &str, o: &load::Outcome) {
+    eprintln!(
+        "  {label:<28} {:>8.0} req/s  p50 {:>7.2} ms  p99 {:>7.2} ms  p99.9 {:>7.2} ms  server CPU {:>5.0} µs/req  writes {:>6.0} B/req  errors {}{}",
+        o.rps(),
+        o.ms(0.5),
+        o.ms(0.99),
+        o.ms(0.999),
+        o.server_cpu_us.unwrap_or(f64::NAN),
+        o.server_write_bytes.unwrap_or(f64::NAN),
+        o.errors(),
+        if o.exhausted { "  (data ran out)" } else { "" }
+    );
+    for sample in &o.samples {
+        eprintln!("    {sample}");
+    }
+}
+
+/// What every phase needs.
+struct Bench<'a> {
+    args: &'a Args,
+    plan: Plan,
+    bin: PathBuf,
+    env: Vec<(String, String)>,
+    work: PathBuf,
+    hash: String,
+    runtime: tokio::runtime::Runtime,
+}
+
+fn run(args: &Args) -> Result<(), String> {
+    let (bin, binary_note) = server_binary(args)?;
+    let started = Instant::now();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.client_threads.max(1))
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let work = args
+        .work_dir
+        .clone()
+        .unwrap_or_else(std::env::temp_dir)
+        .join(format!("totpd-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&work).map_err(|e| format!("{}: {e}", work.display()))?;
+    std::fs::create_dir_all(&args.out).map_err(|e| format!("{}: {e}", args.out.display()))?;
+    std::fs::write(work.join("empty.toml"), "").map_err(|e| e.to_string())?;
+
+    let argon2 = Argon2Settings::default();
+    let hash_threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let argon2_seconds = argon2_seconds(argon2)?;
+    let mut results = Results {
+        machine: machine(),
+        command: format!(
+            "cargo run --release --features bench --bin totpd-bench --{}",
+            if args.quick { " --quick" } else { "" }
+        ),
+        argon2: format!(
+            "m={} KiB, t={}, p={} (the defaults), {hash_threads} hashes at once",
+            argon2.memory_kib, argon2.iterations, argon2.parallelism
+        ),
+        argon2_seconds,
+        argon2_capacity: hash_threads as f64 / argon2_seconds,
+        preparation: Vec::new(),
+        rows: Vec::new(),
+        baseline_again: Vec::new(),
+        mixed: None,
+        core: None,
+        idle_startup: Duration::ZERO,
+        idle: Memory {
+            peak: 0,
+            current: 0,
+        },
+        idle_cheap_argon2: None,
+        load: (load_average(), String::new()),
+        scale: Vec::new(),
+        binary_bytes: std::fs::metadata(&bin).map_or(0, |m| m.len()),
+        binary_note,
+        skipped: Vec::new(),
+        elapsed: Duration::ZERO,
+    };
+    eprintln!("machine: {}", results.machine);
+    eprintln!("server: {}", bin.display());
+    eprintln!(
+        "argon2id {}: {:.1} ms per hash here",
+        results.argon2,
+        argon2_seconds * 1e3
+    );
+    let off = server::switched_off();
+    if !off.is_empty() {
+        results.preparation.push(format!(
+            "switched off for the bench servers (every request comes from 127.0.0.1): {}; all \
+             other settings are the defaults",
+            off.join(", ")
+        ));
+    }
+    let bench = Bench {
+        args,
+        plan: Plan::new(args.quick),
+        bin,
+        env: server::base_env(&work),
+        work: work.clone(),
+        hash: seed::password_hash(argon2)?,
+        runtime,
+    };
+
+    if args.skip_core {
+        results
+            .skipped
+            .push("the TOTP core benchmark (--skip-core)".into());
+    } else {
+        eprintln!("\n== TOTP core (criterion)");
+        results.core = Some(core::run(&args.out.join("criterion"), args.quick)?);
+    }
+    if args.skip_endpoints {
+        results
+            .skipped
+            .push("the endpoint scenarios (--skip-endpoints)".into());
+    } else {
+        bench.endpoints(&mut results)?;
+    }
+    if args.skip_scale {
+        results
+            .skipped
+            .push("idle memory, start-up and scale (--skip-scale)".into());
+    } else {
+        bench.idle(&mut results)?;
+        bench.scale(&mut results)?;
+    }
+
+    results.elapsed = started.elapsed();
+    results.load.1 = load_average();
+    println!("\n{}", report::endpoint_table(&results));
+    println!("{}", report::other_tables(&results));
+    println!("{}", report::targets_table(&results));
+    let write = |name: &str, text: String| {
+        let path = args.out.join(name);
+        std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))
+    };
+    write("endpoints.csv", report::endpoints_csv(&results))?;
+    write("summary.csv", report::summary_csv(&results))?;
+    write("results.md", report::markdown(&results))?;
+    report::chart(&results, &args.out.join("endpoints.svg"))?;
+    println!(
+        "wrote {}/endpoints.csv, summary.csv, results.md and endpoints.svg; run time {:.0} s",
+        args.out.display(),
+        results.elapsed.as_secs_f64()
+    );
+    if args.keep {
+        println!("data dirs and server logs kept in {}", work.display());
+    } else {
+        let _ = std::fs::remove_dir_all(&work);
+    }
+    Ok(())
+}
+
+impl Bench<'_> {
+    fn wanted(&self, endpoint: Endpoint) -> bool {
+        endpoint == Endpoint::Baseline
+            || self.args.only.is_empty()
+            || self.args.only.iter().any(|n| n == endpoint.name())
+    }
+
+    /// Every endpoint at every concurrency against the baseline, on one server; then logins
+    /// and verifies together; then the baseline again.
+    fn endpoints(&self, results: &mut Results) -> Result<(), String> {
+        eprintln!("\n== endpoints");
+        let dir = self.work.join("main");
+        let prep = Instant::now();
+        let seeder = Seeder::open(&dir, &self.hash)?;
+        let data = seeder.main_data(&self.plan.main)?;
+        seeder.finish()?;
+        let m = &self.plan.main;
+        results.preparation.push(format!(
+            "prepared in {:.1} s straight into the store before the server started: {} users to \
+             log in as (no TOTP, so login answers a key) and as many login keys for status; {} users \
+             with a login key and no TOTP (setup, once each); {} users with a pending setup and a \
+             key (activate, once each); {} enrolled users with {} \
+             temp tokens each, whose last used step is 0 so the codes of now-1, now and now+1 are \
+             all fresh (verify, valid code); {} enrolled users with 10 recovery codes and 10 temp \
+             tokens (verify, recovery code); {} enrolled users with a temp token each, sent {} \
+             wrong codes (all a temp token allows, fewer than a lockout needs)",
+            prep.elapsed().as_secs_f64(),
+            m.per_worker,
+            m.setup,
+            m.activate,
+            m.valid_users,
+            m.valid_per_user,
+            m.recovery_users,
+            m.wrong_tokens,
+            seed::wrong_per_token()
+        ));
+        eprintln!("  {}", results.preparation.last().map_or("", |s| s));
+        let server = Server::start(&self.bin, &dir, &self.env)?;
+        let (addr, pid) = (server.addr, Some(server.pid()));
+        let timing = self.plan.timing;
+        for endpoint in Endpoint::ALL.into_iter().filter(|e| self.wanted(*e)) {
+            for c in CONCURRENCY {
+                let sources = scenarios::sources(endpoint, &data, c);
+                let outcome = self.runtime.block_on(load::run(addr, sources, timing, pid));
+                progress(&format!("{} c={c}", endpoint.name()), &outcome);
+                results.rows.push(Row {
+                    endpoint,
+                    concurrency: c,
+                    outcome,
+                });
+            }
+        }
+        if self.wanted(Endpoint::Login) && self.wanted(Endpoint::VerifyValid) {
+            let (login_c, verify_c) = (16, 16);
+            let login = scenarios::sources(Endpoint::Login, &data, login_c);
+            let verify = scenarios::sources(Endpoint::VerifyValid, &data, verify_c);
+            let mixed = self.plan.mixed;
+            let (login, verify) = self.runtime.block_on(async {
+                tokio::join!(
+                    load::run(addr, login, mixed, None),
+                    load::run(addr, verify, mixed, None)
+                )
+            });
+            progress(&format!("login c={login_c} (with verify)"), &login);
+            progress(&format!("verify c={verify_c} (with logins)"), &verify);
+            results.mixed = Some((login_c, login, verify_c, verify));
+        }
+        for c in CONCURRENCY {
+            let sources = scenarios::sources(Endpoint::Baseline, &data, c);
+            let outcome = self.runtime.block_on(load::run(addr, sources, timing, pid));
+            progress(&format!("baseline again c={c}"), &outcome);
+            results.baseline_again.push((c, outcome.rps()));
+        }
+        server.stop()
+    }
+
+    /// Memory and start-up of a server on an empty data dir.
+    fn idle(&self, results: &mut Results) -> Result<(), String> {
+        eprintln!("\n== idle server");
+        let idle = Server::start(&self.bin, &self.work.join("idle"), &self.env)?;
+        std::thread::sleep(Duration::from_millis(300));
+        results.idle_startup = idle.startup;
+        results.idle = memory(&idle);
+        idle.stop()?;
+        let mut env = self.env.clone();
+        env.push(("TOTPD_ARGON2_MEMORY_KIB".into(), "64".into()));
+        let cheap = Server::start(&self.bin, &self.work.join("idle-cheap"), &env)?;
+        std::thread::sleep(Duration::from_millis(300));
+        results.idle_cheap_argon2 = Some(memory(&cheap));
+        cheap.stop()?;
+        eprintln!(
+            "  start-up {:.0} ms, VmHWM {:.1} MiB, VmRSS {:.1} MiB",
+            results.idle_startup.as_secs_f64() * 1e3,
+            results.idle.peak as f64 / report::MIB,
+            results.idle.current as f64 / report::MIB
+        );
+        Ok(())
+    }
+
+    /// One data dir grown from 1 000 enrolled users up; at each size a fresh server's start-up,
+    /// memory and verify latency.
+    fn scale(&self, results: &mut Results) -> Result<(), String> {
+        eprintln!("\n== scale");
+        if self.args.quick {
+            results
+                .skipped
+                .push("the 1 000 000-user data dir (--quick)".into());
+        }
+        let plan = &self.plan;
+        let dir = self.work.join("scale");
+        let mut seeded = 0;
+        for &users in &plan.scale {
+            let prep = Instant::now();
+            let seeder = Seeder::open(&dir, &self.hash)?;
+            seeder.scale_users(seeded, users, 2)?;
+            seeded = users;
+            let sample = plan.scale_requests.min(users as usize);
+            let per_user = plan.scale_requests.div_ceil(sample);
+            let pool = seeder.scale_tokens(users, sample, per_user)?;
+            seeder.finish()?;
+            let dir_bytes = server::dir_size(&dir);
+            eprintln!(
+                "  {users} enrolled users prepared in {:.1} s, data dir {:.1} MiB",
+                prep.elapsed().as_secs_f64(),
+                dir_bytes.1 as f64 / report::MIB
+            );
+            let server = Server::start(&self.bin, &dir, &self.env)?;
+            let after_start = memory(&server);
+            let c = plan.scale_concurrency;
+            let pool = seed::pool(pool);
+            let sources = (0..c)
+                .map(|_| scenarios::valid_source(pool.clone()))
+                .collect();
+            let timing = Timing {
+                warmup: Duration::ZERO,
+                measure: Duration::from_secs(60),
+            };
+            let verify =
+                self.runtime
+                    .block_on(load::run(server.addr, sources, timing, Some(server.pid())));
+            let after_load = memory(&server);
+            progress(&format!("verify c={c}, {users} users"), &verify);
+            eprintln!(
+                "  start-up {:.0} ms, VmRSS after start {:.1} MiB, VmHWM after verify {:.1} MiB",
+                server.startup.as_secs_f64() * 1e3,
+                after_start.current as f64 / report::MIB,
+                after_load.peak as f64 / report::MIB
+            );
+            results.scale.push(ScalePoint {
+                users,
+                startup: server.startup,
+                after_start,
+                after_load,
+                verify,
+                concurrency: c,
+                dir_bytes,
+            });
+            server.stop()?;
+        }
+        results.preparation.push(format!(
+            "scale users are enrolled the same way (sealed secret, 10 recovery code hashes) but \
+             without the audit events of their enrolment, which the retention sweep would \
+             delete anyway; each scale point sends {} verifies at c={} for users drawn at random \
+             from all of them (at 1 000 users each verifies 3 times: steps now-1, now, now+1)",
+            plan.scale_requests, plan.scale_concurrency
+        ));
+        Ok(())
+    }
+}

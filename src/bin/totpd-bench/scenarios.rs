@@ -93,10 +93,7 @@ fn source(endpoint: Endpoint, data: &MainData, worker: usize) -> Source {
         }
         Endpoint::Login => {
             let name = &data.login[worker % data.login.len()];
-            let body = format!(
-                r#"{{"username":"{name}","password":"{}"}}"#,
-                seed::PASSWORD
-            );
+            let body = format!(r#"{{"username":"{name}","password":"{}"}}"#, seed::PASSWORD);
             Box::new(move || {
                 Some(Req::post(
                     "/api/v1/auth/login/",
@@ -118,11 +115,16 @@ fn source(endpoint: Endpoint, data: &MainData, worker: usize) -> Source {
             })
         }
         Endpoint::Setup => {
-            let key = data.setup_keys[worker % data.setup_keys.len()].clone();
+            let pool = data.setup_keys.clone();
             Box::new(move || {
+                let key = seed::take(&pool)?;
                 Some(
-                    Req::post("/api/v1/auth/totp/setup/", String::new(), StatusCode::CREATED)
-                        .with_key(&key),
+                    Req::post(
+                        "/api/v1/auth/totp/setup/",
+                        String::new(),
+                        StatusCode::CREATED,
+                    )
+                    .with_key(&key),
                 )
             })
         }
@@ -166,8 +168,9 @@ fn source(endpoint: Endpoint, data: &MainData, worker: usize) -> Source {
             let pool = data.wrong.clone();
             let mut current = None;
             let mut sent = 0;
+            let per_token = seed::wrong_per_token();
             Box::new(move || {
-                if sent == seed::WRONG_PER_TOKEN {
+                if sent == per_token {
                     current = None;
                 }
                 let token: &mut seed::WrongToken = match &mut current {

@@ -7,17 +7,29 @@
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
+use totpd::attempt::{LockPolicy, Proof};
 use totpd::clock::{Clock, SystemClock, UnixTime};
-use totpd::models::{ActiveTotp, PendingTotp, StoredSecret, TempToken, User};
+use totpd::config::Config;
+use totpd::models::{
+    ActiveTotp, AuditEvent, EventKind, PendingTotp, StoredSecret, TempToken, User,
+};
 use totpd::password::{Argon2Settings, PasswordHasher};
-use totpd::secrets;
-use totpd::store::{ActivateOutcome, SetupOutcome, Store};
+use totpd::sealing::{self, Keyring};
+use totpd::secrets::{self, RecoveryCodes};
+use totpd::store::{Guarded, SetupOutcome, Store};
 use totpd::totp::{SECRET_LEN, Secret};
 
 /// The password of every bench user.
 pub const PASSWORD: &str = "bench password 1";
-/// Wrong codes sent with one temp token (the server's `temp_token_attempts` is set to this).
-pub const WRONG_PER_TOKEN: u32 = 20;
+/// Wrong codes sent with one temp token: all it allows by default, and fewer than the failures
+/// that lock a user (the server keeps its default lockout).
+pub fn wrong_per_token() -> u32 {
+    let defaults = Config::default();
+    defaults
+        .temp_token_attempts
+        .min(defaults.lockout.threshold.saturating_sub(1))
+        .max(1)
+}
 /// How long prepared temp tokens live: longer than any run.
 const TOKEN_LIFETIME: u64 = 3600;
 /// sled page cache while seeding; the servers use the default.
@@ -74,8 +86,10 @@ pub fn take<T>(pool: &Pool<T>) -> Option<T> {
 
 /// How much of each kind the main data dir gets.
 pub struct MainPlan {
-    /// Users each worker logs in as, with status and setup keys (one per worker).
+    /// Users to log in as, and login keys for status: one per worker.
     pub per_worker: usize,
+    /// Users without TOTP, with a login key: one setup each.
+    pub setup: usize,
     pub activate: usize,
     pub valid_users: usize,
     pub valid_per_user: usize,
@@ -87,7 +101,7 @@ pub struct MainPlan {
 pub struct MainData {
     pub login: Vec<String>,
     pub status_keys: Vec<String>,
-    pub setup_keys: Vec<String>,
+    pub setup_keys: Pool<String>,
     pub activate: Pool<PendingUser>,
     pub valid: Pool<ValidUser>,
     pub recovery: Pool<RecoveryUser>,
@@ -96,6 +110,7 @@ pub struct MainData {
 
 pub struct Seeder {
     store: Store,
+    keyring: Keyring,
     now: UnixTime,
     hash: String,
 }
@@ -114,6 +129,20 @@ pub fn scale_secret(index: u64) -> Vec<u8> {
     digest.as_bytes()[..SECRET_LEN].to_vec()
 }
 
+/// Recovery code hashes of scale user `index`: never used, so derived (the operating system's
+/// random source and the code formatting cost more than the rest of an enrolment).
+fn scale_recovery_codes(index: u64) -> RecoveryCodes {
+    let derive =
+        |n: u64| *blake3::hash(format!("totpd-bench recovery {index} {n}").as_bytes()).as_bytes();
+    RecoveryCodes {
+        key: derive(u64::MAX),
+        shown: Vec::new(),
+        hashes: (0..secrets::RECOVERY_CODE_COUNT as u64)
+            .map(derive)
+            .collect(),
+    }
+}
+
 pub fn scale_name(index: u64) -> String {
     format!("scale-{index:07}")
 }
@@ -121,8 +150,15 @@ pub fn scale_name(index: u64) -> String {
 impl Seeder {
     pub fn open(data_dir: &Path, hash: &str) -> Result<Self, String> {
         let store = Store::open(data_dir, SEED_CACHE).map_err(err)?;
+        // The master key file the server will find in the data dir (created on first open).
+        let config = Config {
+            data_dir: data_dir.to_path_buf(),
+            ..Config::default()
+        };
+        let (keyring, _) = sealing::establish(&config, &store)?;
         Ok(Self {
             store,
+            keyring,
             now: SystemClock.now(),
             hash: hash.to_owned(),
         })
@@ -142,23 +178,55 @@ impl Seeder {
             .ok_or_else(|| format!("no user {name}"))
     }
 
-    fn begin_setup(&self, user: &User, secret: &[u8]) -> Result<StoredSecret, String> {
-        let stored = StoredSecret::Plain(secret.to_vec());
+    /// Notes an event in the audit trail, as the service does for each action.
+    fn audit(&self, kind: EventKind, user: &User) -> Result<(), String> {
+        let event = AuditEvent {
+            time: self.now,
+            kind,
+            user_id: Some(user.id),
+            username: Some(user.username.clone()),
+            ip: Some([127, 0, 0, 1].into()),
+            outcome: "ok".into(),
+        };
+        self.store.record_event(&event).map_err(err)
+    }
+
+    /// A pending secret, sealed under the master key like the service seals it.
+    fn begin_setup(&self, user: &User, secret: &[u8], audit: bool) -> Result<StoredSecret, String> {
+        let stored = self
+            .keyring
+            .seal(user.id, &Secret::from_bytes(secret.to_vec()))
+            .map_err(err)?;
         let pending = PendingTotp {
             secret: stored.clone(),
             created_at: self.now,
         };
         match self.store.begin_setup(user.id, &pending).map_err(err)? {
-            SetupOutcome::Started => Ok(stored),
+            SetupOutcome::Started => {
+                if audit {
+                    self.audit(EventKind::Setup, user)?;
+                }
+                Ok(stored)
+            }
             SetupOutcome::AlreadyActive => Err(format!("{} is already active", user.username)),
         }
     }
 
-    /// Setup then activation, as the service does them; no step consumed yet (`last_step` 0).
-    /// Returns the recovery codes.
+    /// Setup then activation, as the service does them (audit events included); no step
+    /// consumed yet (`last_step` 0). Returns the recovery codes.
     pub fn enrol(&self, user: &User, secret: &[u8]) -> Result<Vec<String>, String> {
-        let stored = self.begin_setup(user, secret)?;
         let codes = secrets::new_recovery_codes().map_err(err)?;
+        self.enrol_with(user, secret, codes, true)
+    }
+
+    fn enrol_with(
+        &self,
+        user: &User,
+        secret: &[u8],
+        codes: RecoveryCodes,
+        audit: bool,
+    ) -> Result<Vec<String>, String> {
+        let stored = self.begin_setup(user, secret, audit)?;
         let active = ActiveTotp {
             secret: stored.clone(),
             last_step: 0,
@@ -166,8 +234,24 @@ impl Seeder {
             recovery_key: codes.key,
             recovery_hashes: codes.hashes,
         };
-        match self.store.activate(user.id, &stored, &active).map_err(err)? {
-            ActivateOutcome::Activated => Ok(codes.shown),
+        let outcome = self
+            .store
+            .activate(
+                user.id,
+                &stored,
+                &Proof::Step(0),
+                &active,
+                &LockPolicy::default(),
+                self.now,
+            )
+            .map_err(err)?;
+        match outcome {
+            Guarded::Done { .. } => {
+                if audit {
+                    self.audit(EventKind::Activate, user)?;
+                }
+                Ok(codes.shown)
+            }
             other => Err(format!("activating {}: {other:?}", user.username)),
         }
     }
@@ -175,14 +259,18 @@ impl Seeder {
     /// A pending setup with a fresh secret, returned.
     pub fn pending(&self, user: &User) -> Result<Secret, String> {
         let secret = random_secret()?;
-        self.begin_setup(user, &secret)?;
+        self.begin_setup(user, &secret, true)?;
         Ok(Secret::from_bytes(secret))
     }
 
     /// A login key for `user`.
     pub fn key(&self, user: &User) -> Result<String, String> {
         let (key, digest) = secrets::new_login_key().map_err(err)?;
-        if self.store.issue_key(user.id, &digest, self.now).map_err(err)? {
+        if self
+            .store
+            .issue_key(user.id, &digest, self.now)
+            .map_err(err)?
+        {
             Ok(key)
         } else {
             Err(format!("no user {}", user.username))
@@ -198,9 +286,7 @@ impl Seeder {
             expires_at: self.now + TOKEN_LIFETIME,
             attempts_left: attempts,
         };
-        self.store
-            .issue_temp_token(&digest, &record)
-            .map_err(err)?;
+        self.store.issue_temp_token(&digest, &record).map_err(err)?;
         Ok(token)
     }
 
@@ -213,14 +299,15 @@ impl Seeder {
     pub fn main_data(&self, plan: &MainPlan) -> Result<MainData, String> {
         let mut login = Vec::new();
         let mut status_keys = Vec::new();
-        let mut setup_keys = Vec::new();
         for i in 0..plan.per_worker {
             let name = format!("login-{i:03}");
             self.user(&name)?;
             login.push(name);
             status_keys.push(self.key(&self.user(&format!("status-{i:03}"))?)?);
-            setup_keys.push(self.key(&self.user(&format!("setup-{i:03}"))?)?);
         }
+        let setup_keys = (0..plan.setup)
+            .map(|i| self.key(&self.user(&format!("setup-{i:06}"))?))
+            .collect::<Result<_, _>>()?;
         let mut activate = Vec::with_capacity(plan.activate);
         for i in 0..plan.activate {
             let user = self.user(&format!("activate-{i:06}"))?;
@@ -260,14 +347,14 @@ impl Seeder {
             let secret = random_secret()?;
             self.enrol(&user, &secret)?;
             wrong.push(WrongToken {
-                token: self.temp_token(&user, WRONG_PER_TOKEN)?,
+                token: self.temp_token(&user, wrong_per_token())?,
                 secret: Secret::from_bytes(secret),
             });
         }
         Ok(MainData {
             login,
             status_keys,
-            setup_keys,
+            setup_keys: pool(setup_keys),
             activate: pool(activate),
             valid: pool(valid),
             recovery: pool(recovery),
@@ -284,17 +371,18 @@ impl Seeder {
                         let mut index = from + t;
                         while index < to {
                             let user = self.user(&scale_name(index))?;
-                            self.enrol(&user, &scale_secret(index))?;
+                            let codes = scale_recovery_codes(index);
+                            self.enrol_with(&user, &scale_secret(index), codes, false)?;
                             index += threads;
                         }
                         Ok(())
                     })
                 })
                 .collect();
-            workers
-                .into_iter()
-                .map(|w| w.join().unwrap_or_else(|_| Err("a seeding thread panicked".into())))
-                .collect()
+            workers.into_iter().try_for_each(|w| {
+                w.join()
+                    .unwrap_or_else(|_| Err("a seeding thread panicked".into()))
+            })
         })
     }
 
@@ -315,10 +403,12 @@ impl Seeder {
                 let tokens = (0..per_user)
                     .map(|_| self.temp_token(&user, 1))
                     .collect::<Result<_, _>>()?;
+                // An earlier scale point may have used some of its steps.
+                let last_step = user.totp.as_ref().map_or(0, |t| t.last_step);
                 Ok(ValidUser {
                     secret: Secret::from_bytes(scale_secret(index as u64)),
                     tokens,
-                    last_step: 0,
+                    last_step,
                 })
             })
             .collect()

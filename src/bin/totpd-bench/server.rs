@@ -12,11 +12,11 @@ use std::time::{Duration, Instant};
 pub fn base_env(dir: &Path) -> Vec<(String, String)> {
     let mut env = vec![
         // An empty config file, so a config.toml in the working directory is not read.
-        ("TOTPD_CONFIG".into(), dir.join("empty.toml").display().to_string()),
+        (
+            "TOTPD_CONFIG".into(),
+            dir.join("empty.toml").display().to_string(),
+        ),
         ("TOTPD_LOG_LEVEL".into(), "warn".into()),
-        // Prepared temp tokens carry their own expiry and attempts; this covers logins.
-        ("TOTPD_TEMP_TOKEN_TTL".into(), "3600".into()),
-        ("TOTPD_TEMP_TOKEN_ATTEMPTS".into(), crate::seed::WRONG_PER_TOKEN.to_string()),
     ];
     // Abuse limits would throttle a load generator that sends everything from 127.0.0.1;
     // they are switched off only where this totpd has them.
