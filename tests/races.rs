@@ -760,7 +760,7 @@ async fn the_key_a_deactivation_keeps_is_never_refused_while_it_runs() {
     let key = app.key(name).await;
     let mut refused = Vec::new();
     let mut requests = 0;
-    for round in 0..60 {
+    for round in 0..150 {
         app.clock.advance(60);
         let (status, setup) = app.setup(&key).await;
         assert_eq!(status, 201, "{setup}");
