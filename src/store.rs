@@ -523,13 +523,20 @@ impl Store {
         lifetime: KeyLifetime,
         now: UnixTime,
     ) -> Result<Option<(LoginKey, User)>, StoreError> {
-        let Some(bytes) = self.keys.get(digest)? else {
+        // The key and its user are read in one transaction: an epoch change that re-issues this
+        // very key (deactivation, password change) must not be seen half-way.
+        let found = self.transact(|tx| {
+            let Some(bytes) = tx.keys.get(digest)? else {
+                return Ok(None);
+            };
+            let key: LoginKey = decode(&bytes).map_err(corrupt)?;
+            let user = tx.user(key.user_id)?;
+            Ok(Some((bytes, key, user)))
+        })?;
+        let Some((bytes, mut key, user)) = found else {
             return Ok(None);
         };
-        let mut key: LoginKey = decode(&bytes)?;
-        let user = self
-            .user(key.user_id)?
-            .filter(|user| user.key_epoch == key.epoch);
+        let user = user.filter(|user| user.key_epoch == key.epoch);
         let Some(user) = user.filter(|_| lifetime.alive(&key, now)) else {
             self.keys
                 .compare_and_swap(digest, Some(&bytes), None::<&[u8]>)?

@@ -747,13 +747,10 @@ async fn parallel_setup_activate_deactivate_and_verify_on_one_user_keep_one_cons
 /// A key that a deactivation keeps (the one it was sent with) is valid before and after it, so
 /// requests made with it while the deactivation runs must not be refused as unauthenticated.
 ///
-/// Server bug: `Store::authenticate_key` reads the key record and then, separately, the user;
-/// when the deactivation commits in between (raising the user's key epoch and re-stamping the
-/// kept key), the stale key record's epoch differs from the user's and the request gets
-/// 403 `authentication_failed` although the key was never revoked. The same read skew hits
-/// logout-all and password changes, which also keep the caller's key.
+/// Regression test: `Store::authenticate_key` once read the key record and then, separately,
+/// the user; a deactivation committing in between (raising the user's key epoch and re-stamping
+/// the kept key) made the request fail with 403 although the key was never revoked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "server bug: a key kept by a concurrent deactivation is transiently refused with 403 (read skew in Store::authenticate_key)"]
 async fn the_key_a_deactivation_keeps_is_never_refused_while_it_runs() {
     let app = spawn_app().await;
     let name = "user0";
