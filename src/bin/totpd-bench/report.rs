@@ -111,8 +111,10 @@ fn ratio(r: f64) -> String {
         "-".into()
     } else if r >= 10.0 {
         format!("{r:.0}×")
-    } else {
+    } else if r >= 0.1 {
         format!("{r:.2}×")
+    } else {
+        format!("{r:.3}×")
     }
 }
 
@@ -628,7 +630,7 @@ pub fn chart(r: &Results, path: &Path) -> Result<(), String> {
             let drawn = chart
                 .draw_series(LineSeries::new(xy.clone(), color.stroke_width(width)))
                 .map_err(e)?;
-            if i == 0 {
+            if i == 1 {
                 drawn.label(endpoint.name()).legend(move |(x, y)| {
                     PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(width))
                 });
@@ -637,10 +639,10 @@ pub fn chart(r: &Results, path: &Path) -> Result<(), String> {
                 .draw_series(xy.iter().map(|&p| Circle::new(p, 3, color.filled())))
                 .map_err(e)?;
         }
-        if i == 0 {
+        if i == 1 {
             chart
                 .configure_series_labels()
-                .position(SeriesLabelPosition::LowerLeft)
+                .position(SeriesLabelPosition::LowerRight)
                 .background_style(WHITE.mix(0.85))
                 .border_style(BLACK)
                 .draw()
