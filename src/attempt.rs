@@ -138,8 +138,8 @@ mod tests {
             username: "u".into(),
             password_hash: String::new(),
             created_at: 0,
-            stamp: 0,
             key_epoch: 0,
+            kept_key: None,
             totp: Some(ActiveTotp {
                 secret: StoredSecret::Plain(vec![0; 20]),
                 last_step: 100,
@@ -150,6 +150,7 @@ mod tests {
             pending: None,
             failures: FailureState::default(),
             last_login: None,
+            temp_tokens: Vec::new(),
         }
     }
 

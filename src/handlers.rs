@@ -273,7 +273,8 @@ pub async fn metrics(state: AppState, request: Request) -> Reply {
     }
     let store = std::sync::Arc::clone(&state.store);
     let gauges = tokio::task::spawn_blocking(move || {
-        let (users, totp_active) = store.counts()?;
+        // Until the count after start is done, the gauges read 0.
+        let (users, totp_active) = store.counts().unwrap_or((0, 0));
         Ok::<_, crate::store::StoreError>(StoreGauges {
             users,
             totp_active,

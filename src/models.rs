@@ -22,14 +22,21 @@ pub struct User {
     /// Argon2id PHC string.
     pub password_hash: String,
     pub created_at: UnixTime,
-    /// Bumped when outstanding temp tokens must die (TOTP deactivated, password changed).
-    pub stamp: u64,
-    /// Bumped to revoke every login key issued before (logout-all, password change).
+    /// A login key is valid while its epoch is at least this: raising it revokes every key
+    /// issued before (logout-all, password change, deactivation).
     pub key_epoch: u64,
+    /// The key that survived the last raise of `key_epoch` (the caller of a deactivation or a
+    /// password change): valid at the epoch before. Recorded in the same write as the raise,
+    /// so the kept key never looks revoked, even before its own record is moved to the epoch.
+    pub kept_key: Option<Digest>,
     pub totp: Option<ActiveTotp>,
     pub pending: Option<PendingTotp>,
     pub failures: FailureState,
     pub last_login: Option<UnixTime>,
+    /// Temp tokens handed out by the password step and not yet used up. They live in the user's
+    /// record so that one compare-and-swap of it consumes a token, advances the time step and
+    /// counts a failure together (sled's multi-tree transactions cost ten times a CAS).
+    pub temp_tokens: Vec<PendingLogin>,
 }
 
 /// An activated authenticator.
@@ -89,14 +96,26 @@ pub struct FailureState {
     pub locks: u32,
 }
 
-/// The intermediate token between password and code; stored under the hash of its value.
+/// A temp token between the password and the code, kept in its user's record by digest.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TempToken {
-    pub user_id: UserId,
-    /// The user's `stamp` when it was issued.
-    pub stamp: u64,
+pub struct PendingLogin {
+    pub digest: Digest,
     pub expires_at: UnixTime,
     pub attempts_left: u32,
+}
+
+impl User {
+    /// Whether the login key `digest`, issued at `epoch`, has not been revoked.
+    pub fn key_valid(&self, digest: &Digest, epoch: u64) -> bool {
+        epoch >= self.key_epoch
+            || (self.kept_key.as_ref() == Some(digest) && epoch + 1 == self.key_epoch)
+    }
+}
+
+impl PendingLogin {
+    pub fn is_live(&self, now: UnixTime) -> bool {
+        now < self.expires_at && self.attempts_left > 0
+    }
 }
 
 /// A login key (`Authorization: Token …`); stored under the hash of its value.
@@ -222,8 +241,8 @@ mod tests {
             username: "alice".into(),
             password_hash: "$argon2id$v=19$m=8,t=1,p=1$c2FsdHNhbHQ$aGFzaA".into(),
             created_at: 1_700_000_000,
-            stamp: 2,
             key_epoch: 1,
+            kept_key: None,
             totp: Some(ActiveTotp {
                 secret: StoredSecret::Plain(vec![1; 20]),
                 last_step: 56_666_666,
@@ -238,6 +257,11 @@ mod tests {
                 locks: 1,
             },
             last_login: Some(1_700_000_200),
+            temp_tokens: vec![PendingLogin {
+                digest: [4; 32],
+                expires_at: 1_700_000_500,
+                attempts_left: 5,
+            }],
         }
     }
 
@@ -262,10 +286,11 @@ mod tests {
         assert_eq!(
             hex,
             "010705616c6963652d246172676f6e32696424763d3139246d3d382c743d312c703d312463324673\
-             64484e68624851246147467a614180e2cfaa06020101001401010101010101010101010101010101\
+             64484e68624851246147467a614180e2cfaa06010001001401010101010101010101010101010101\
              01010101aad4821be4e2cfaa06090909090909090909090909090909090909090909090909090909\
              09090909090103030303030303030303030303030303030303030303030303030303030303030003\
-             000101c8e3cfaa06"
+             000101c8e3cfaa060104040404040404040404040404040404040404040404040404040404040404\
+             04f4e5cfaa0605"
         );
     }
 

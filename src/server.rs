@@ -63,6 +63,13 @@ pub async fn serve_with(
         .max_buf_size(64 * 1024)
         .keep_alive(true);
     let sweeper = tokio::spawn(sweep_expired(state.clone()));
+    // The user counts for /metrics: a full scan, so in the background (start-up stays fast).
+    let store = Arc::clone(&state.store);
+    tokio::task::spawn_blocking(move || {
+        if let Err(e) = store.recount() {
+            tracing::warn!(error = %e, "counting users failed");
+        }
+    });
     #[cfg(unix)]
     let admin =
         admin.map(|listener| tokio::spawn(crate::admin::serve_socket(listener, state.clone())));
@@ -181,16 +188,26 @@ where
 }
 
 /// Once a minute, deletes expired temp tokens and keys and audit events past their retention,
-/// so abandoned logins and old sessions do not pile up.
+/// so abandoned logins and old sessions do not pile up; once an hour, recounts the users.
 async fn sweep_expired(state: AppState) {
     let mut tick = tokio::time::interval(Duration::from_secs(60));
+    let mut minutes = 0u64;
     loop {
         tick.tick().await;
+        minutes += 1;
         let now = state.clock.now();
         let store = Arc::clone(&state.store);
         let lifetime = state.config.key_lifetime();
         let cutoff = now.saturating_sub(state.config.audit_retention_days * 24 * 60 * 60);
-        match tokio::task::spawn_blocking(move || store.sweep(now, lifetime, cutoff)).await {
+        let recount = minutes % 60 == 0;
+        let work = move || {
+            let removed = store.sweep(now, lifetime, cutoff)?;
+            if recount {
+                store.recount()?;
+            }
+            Ok::<_, crate::store::StoreError>(removed)
+        };
+        match tokio::task::spawn_blocking(work).await {
             Ok(Ok(0)) => {}
             Ok(Ok(n)) => tracing::debug!(removed = n, "expired records swept"),
             Ok(Err(e)) => tracing::warn!(error = %e, "sweeping expired records failed"),

@@ -14,7 +14,7 @@ use crate::input::{Credentials, PasswordChange, TotpVerify, VerifyCode};
 use crate::limits::Buckets;
 use crate::metrics::{Metrics, VerifyOutcome};
 use crate::models::{
-    ActiveTotp, AuditEvent, Digest, EventKind, PendingTotp, StoredSecret, TempToken, User,
+    ActiveTotp, AuditEvent, Digest, EventKind, PendingLogin, PendingTotp, StoredSecret, User,
 };
 use crate::password::{HashError, PasswordHasher};
 use crate::sealing::{Keyring, SealError};
@@ -346,13 +346,14 @@ impl Service {
         self.audit(ctx, EventKind::Login, Some(&user), "ok")?;
         if user.totp.is_some() {
             let (temp_token, digest) = secrets::new_temp_token()?;
-            let record = TempToken {
-                user_id: user.id,
-                stamp: user.stamp,
+            let token = PendingLogin {
+                digest,
                 expires_at: ctx.now + self.policy.temp_token_ttl,
                 attempts_left: self.policy.temp_token_attempts,
             };
-            self.store.issue_temp_token(&digest, &record)?;
+            if !self.store.issue_temp_token(user.id, token, ctx.now)? {
+                return Err(Error::InvalidCredentials); // deleted meanwhile
+            }
             self.audit(ctx, EventKind::TempTokenIssued, Some(&user), "ok")?;
             self.store.persist().await?;
             return Ok(LoginResult::TotpRequired {
@@ -544,7 +545,7 @@ impl Service {
     pub async fn verify(&self, input: TotpVerify, ctx: &Ctx) -> Result<Verified, Error> {
         let temp = secrets::token_digest(&input.temp_token);
         let live = self.store.live_temp_token(&temp, ctx.now)?;
-        let Some((user, active)) = live.and_then(|(_, u)| u.totp.clone().map(|t| (u, t))) else {
+        let Some((user, active)) = live.and_then(|u| u.totp.clone().map(|t| (u, t))) else {
             self.metrics.record_verify(VerifyOutcome::InvalidTempToken);
             return Err(Error::InvalidTempToken);
         };

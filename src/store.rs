@@ -1,38 +1,42 @@
 //! All state, in sled, under `<data dir>/db`. The public API is made of domain-named operations,
-//! each atomic (one sled transaction or compare-and-swap), so a second backend can implement the
-//! same list: create a user, issue a key, consume a temp token together with a time step or a
-//! recovery code, and so on. Nothing here is durable until `persist()` resolves; callers await it
-//! before acknowledging a change.
+//! each atomic, so a second backend can implement the same list: create a user, issue a key,
+//! consume a temp token together with a time step or a recovery code, and so on. Nothing here is
+//! durable until `persist()` resolves; callers await it before acknowledging a change.
+//!
+//! Everything that must change together lives in one record — the user's: the secret, the last
+//! used time step, the recovery-code hashes, the failure count and lock, and the outstanding temp
+//! tokens — so each operation is a single compare-and-swap of that record (`update_user`), retried
+//! on a conflict. Why not sled's multi-tree transactions: measured here at 188 µs each against
+//! 26 µs for a get and a CAS, and a global lock under concurrency.
 //!
 //! Trees: `users` (id → User), `usernames` (name → id), `keys` (digest → LoginKey),
-//! `temp_tokens` (digest → TempToken), `audit` (time ‖ sequence → AuditEvent); the default tree
-//! holds the schema version and the master-key check record.
+//! `temp_tokens` (digest → user id and expiry: only an index, the state is in the user),
+//! `audit` (time ‖ sequence → AuditEvent); the default tree holds the schema version and the
+//! master-key check record.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use sled::Transactional;
-use sled::transaction::{
-    ConflictableTransactionError, ConflictableTransactionResult, TransactionError,
-    TransactionalTree,
-};
+use sled::transaction::TransactionError;
 
 use crate::attempt::{Judgement, LockPolicy, Proof, judge};
 use crate::clock::UnixTime;
 use crate::group_commit::{FlushError, GroupCommit};
 use crate::models::{
-    ActiveTotp, AuditEvent, DecodeError, Digest, LoginKey, PendingTotp, StoredSecret, TempToken,
+    ActiveTotp, AuditEvent, DecodeError, Digest, LoginKey, PendingLogin, PendingTotp, StoredSecret,
     User, UserId, decode, encode,
 };
 
 /// The layout of trees and keys this binary reads and writes.
 pub const SCHEMA_VERSION: u64 = 1;
 const SCHEMA_KEY: &[u8] = b"schema_version";
-/// Counters in the `meta` tree, kept in the same transactions as the changes they count.
-const USERS_COUNTER: &[u8] = b"users";
-const ACTIVE_COUNTER: &[u8] = b"totp_active";
 const KEY_CHECK_KEY: &[u8] = b"master_key_check";
 /// `last_used_at` of a key is rewritten at most this often (the idle timeout's precision).
 const KEY_TOUCH_INTERVAL: u64 = 60;
+/// Outstanding temp tokens kept per user; a newer login evicts the oldest.
+pub const MAX_TEMP_TOKENS: usize = 32;
 
 #[derive(Debug)]
 pub enum StoreError {
@@ -103,100 +107,6 @@ impl std::fmt::Display for OpenError {
 
 impl std::error::Error for OpenError {}
 
-type TxResult<T> = ConflictableTransactionResult<T, StoreError>;
-
-fn corrupt(e: DecodeError) -> ConflictableTransactionError<StoreError> {
-    ConflictableTransactionError::Abort(e.into())
-}
-
-/// The trees of one transaction, with typed access.
-struct Tx<'a> {
-    users: &'a TransactionalTree,
-    usernames: &'a TransactionalTree,
-    keys: &'a TransactionalTree,
-    temp_tokens: &'a TransactionalTree,
-    meta: &'a TransactionalTree,
-}
-
-impl Tx<'_> {
-    /// Adds `delta` to a counter in `meta`.
-    fn bump(&self, counter: &[u8], delta: i64) -> TxResult<()> {
-        let current = self
-            .meta
-            .get(counter)?
-            .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
-            .map_or(0, u64::from_be_bytes);
-        let next = current.saturating_add_signed(delta);
-        self.meta.insert(counter, &next.to_be_bytes())?;
-        Ok(())
-    }
-
-    fn user(&self, id: UserId) -> TxResult<Option<User>> {
-        match self.users.get(id.to_be_bytes())? {
-            Some(bytes) => decode(&bytes).map(Some).map_err(corrupt),
-            None => Ok(None),
-        }
-    }
-
-    fn put_user(&self, user: &User) -> TxResult<()> {
-        self.users.insert(&user.id.to_be_bytes(), encode(user))?;
-        Ok(())
-    }
-
-    fn temp_token(&self, digest: &Digest) -> TxResult<Option<TempToken>> {
-        match self.temp_tokens.get(digest)? {
-            Some(bytes) => decode(&bytes).map(Some).map_err(corrupt),
-            None => Ok(None),
-        }
-    }
-
-    /// The temp token and its user, if the token may still be used at `now`.
-    fn live_temp_token(
-        &self,
-        digest: &Digest,
-        now: UnixTime,
-    ) -> TxResult<Option<(TempToken, User)>> {
-        let Some(token) = self.temp_token(digest)? else {
-            return Ok(None);
-        };
-        let Some(user) = self.user(token.user_id)? else {
-            return Ok(None);
-        };
-        Ok(temp_token_is_live(&token, &user, now).then_some((token, user)))
-    }
-
-    /// Counts one wrong code against the token; the last allowed one deletes it.
-    fn spend_attempt(&self, digest: &Digest, mut token: TempToken) -> TxResult<()> {
-        token.attempts_left = token.attempts_left.saturating_sub(1);
-        if token.attempts_left == 0 {
-            self.temp_tokens.remove(digest)?;
-        } else {
-            self.temp_tokens.insert(digest, encode(&token))?;
-        }
-        Ok(())
-    }
-
-    fn insert_key(&self, digest: &Digest, user: &User, now: UnixTime) -> TxResult<()> {
-        let key = LoginKey {
-            user_id: user.id,
-            epoch: user.key_epoch,
-            created_at: now,
-            last_used_at: now,
-        };
-        self.keys.insert(digest, encode(&key))?;
-        Ok(())
-    }
-}
-
-/// A temp token works until it expires, runs out of attempts, or the user's stamp moves on
-/// (TOTP deactivated) — and only while the user has TOTP active.
-fn temp_token_is_live(token: &TempToken, user: &User, now: UnixTime) -> bool {
-    now < token.expires_at
-        && token.attempts_left > 0
-        && token.stamp == user.stamp
-        && user.totp.is_some()
-}
-
 #[derive(Debug, PartialEq, Eq)]
 pub struct UsernameTaken;
 
@@ -263,6 +173,18 @@ fn same_secret(user: &User, proof: &Proof<'_>, expected: &StoredSecret) -> bool 
     matches!(proof, Proof::Recovery(_)) || user.totp.as_ref().map(|t| &t.secret) == Some(expected)
 }
 
+/// The user's temp token `digest`, if it may be used at `now` (only while TOTP is active).
+fn live_token<'a>(
+    user: &'a mut User,
+    digest: &Digest,
+    now: UnixTime,
+) -> Option<&'a mut PendingLogin> {
+    user.totp.as_ref()?;
+    user.temp_tokens
+        .iter_mut()
+        .find(|t| t.digest == *digest && t.is_live(now))
+}
+
 /// Lifetimes of login keys, in seconds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KeyLifetime {
@@ -277,6 +199,15 @@ impl KeyLifetime {
     }
 }
 
+/// How many users there are, and how many have TOTP active: counted once in the background
+/// after start (a scan would delay start-up) and kept up to date by the operations.
+#[derive(Default)]
+struct Counts {
+    users: AtomicI64,
+    active: AtomicI64,
+    ready: std::sync::atomic::AtomicBool,
+}
+
 pub struct Store {
     db: sled::Db,
     users: sled::Tree,
@@ -284,7 +215,9 @@ pub struct Store {
     keys: sled::Tree,
     temp_tokens: sled::Tree,
     audit: sled::Tree,
-    meta: sled::Tree,
+    /// Audit events waiting for the next flush, which writes them in one batch first.
+    audit_queue: Arc<Mutex<sled::Batch>>,
+    counts: Counts,
     commit: GroupCommit,
 }
 
@@ -312,75 +245,42 @@ impl Store {
             })?;
         check_schema(&db, data_dir)?;
         let tree = |name: &str| db.open_tree(name).map_err(|e| io(e.to_string()));
-        let (users, usernames, keys, temp_tokens, audit, meta) = (
+        let (users, usernames, keys, temp_tokens, audit) = (
             tree("users")?,
             tree("usernames")?,
             tree("keys")?,
             tree("temp_tokens")?,
             tree("audit")?,
-            tree("meta")?,
         );
-        let flusher = db.clone();
-        let commit =
-            GroupCommit::start(move || flusher.flush().map(|_| ()).map_err(|e| e.to_string()))
-                .map_err(|e| io(e.to_string()))?;
-        let store = Self {
+        let audit_queue = Arc::new(Mutex::new(sled::Batch::default()));
+        let (flusher, queue, audit_tree) = (db.clone(), Arc::clone(&audit_queue), audit.clone());
+        let commit = GroupCommit::start(move || {
+            write_queued_events(&queue, &audit_tree).map_err(|e| e.to_string())?;
+            flusher.flush().map(|_| ()).map_err(|e| e.to_string())
+        })
+        .map_err(|e| io(e.to_string()))?;
+        Ok(Self {
             db,
             users,
             usernames,
             keys,
             temp_tokens,
             audit,
-            meta,
+            audit_queue,
+            counts: Counts::default(),
             commit,
-        };
-        if store
-            .meta
-            .get(USERS_COUNTER)
-            .map_err(|e| io(e.to_string()))?
-            .is_none()
-        {
-            store.recount().map_err(|e| io(e.to_string()))?;
-        }
-        Ok(store)
+        })
     }
 
-    /// Rebuilds the user counters from the users themselves.
-    fn recount(&self) -> Result<(), StoreError> {
-        let (mut users, mut active) = (0u64, 0u64);
-        for user in self.users() {
-            users += 1;
-            active += u64::from(user?.totp.is_some());
-        }
-        self.meta.insert(USERS_COUNTER, &users.to_be_bytes())?;
-        self.meta.insert(ACTIVE_COUNTER, &active.to_be_bytes())?;
-        Ok(())
-    }
-
-    /// (users, users with TOTP active), from counters kept transactionally.
-    pub fn counts(&self) -> Result<(u64, u64), StoreError> {
-        let read = |name: &[u8]| -> Result<u64, StoreError> {
-            Ok(self
-                .meta
-                .get(name)?
-                .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
-                .map_or(0, u64::from_be_bytes))
-        };
-        Ok((read(USERS_COUNTER)?, read(ACTIVE_COUNTER)?))
-    }
-
-    /// Whether the store answers a read (health check).
-    pub fn is_healthy(&self) -> bool {
-        self.db.get(SCHEMA_KEY).is_ok_and(|v| v.is_some())
-    }
-
-    /// Resolves once every write made before the call is on disk (shared with concurrent callers).
+    /// Resolves once every write made before the call — audit events included — is on disk
+    /// (one flush is shared by every caller waiting at the time).
     pub async fn persist(&self) -> Result<(), StoreError> {
         self.commit.persist().await.map_err(StoreError::Flush)
     }
 
-    /// Flushes synchronously (shutdown, CLI).
+    /// Writes queued audit events and flushes, synchronously (shutdown, CLI).
     pub fn flush_now(&self) -> Result<(), StoreError> {
+        write_queued_events(&self.audit_queue, &self.audit)?;
         self.db.flush()?;
         Ok(())
     }
@@ -390,53 +290,65 @@ impl Store {
         self.commit.stats()
     }
 
-    fn transact<T>(&self, f: impl Fn(&Tx<'_>) -> TxResult<T>) -> Result<T, StoreError> {
-        (
-            &self.users,
-            &self.usernames,
-            &self.keys,
-            &self.temp_tokens,
-            &self.meta,
-        )
-            .transaction(|(users, usernames, keys, temp_tokens, meta)| {
-                f(&Tx {
-                    users,
-                    usernames,
-                    keys,
-                    temp_tokens,
-                    meta,
-                })
-            })
-            .map_err(|e| match e {
-                TransactionError::Abort(e) => e,
-                TransactionError::Storage(e) => StoreError::Sled(e),
-            })
-    }
-
-    /// Reads, changes and writes back one user atomically; `None` if there is no such user.
-    /// `change` returns the result and whether to write the user back. The count of users with
-    /// TOTP active follows along.
+    /// Reads, changes and writes back one user with a compare-and-swap, re-reading and re-applying
+    /// `change` if another writer got there first (so `change` must have no other effect).
+    /// `change` returns the result and whether to write the user back. `None` if no such user.
     fn update_user<T>(
         &self,
         user_id: UserId,
-        change: impl Fn(&Tx<'_>, &mut User) -> TxResult<(T, bool)>,
+        mut change: impl FnMut(&mut User) -> (T, bool),
     ) -> Result<Option<T>, StoreError> {
-        self.transact(|tx| {
-            let Some(mut user) = tx.user(user_id)? else {
+        let key = user_id.to_be_bytes();
+        loop {
+            let Some(old) = self.users.get(key)? else {
                 return Ok(None);
             };
+            let mut user: User = decode(&old)?;
             let was_active = user.totp.is_some();
-            let (result, write) = change(tx, &mut user)?;
-            if write {
-                tx.put_user(&user)?;
-                match (was_active, user.totp.is_some()) {
-                    (false, true) => tx.bump(ACTIVE_COUNTER, 1)?,
-                    (true, false) => tx.bump(ACTIVE_COUNTER, -1)?,
-                    _ => {}
-                }
+            let (result, write) = change(&mut user);
+            if !write {
+                return Ok(Some(result));
             }
-            Ok(Some(result))
-        })
+            if self
+                .users
+                .compare_and_swap(key, Some(&old), Some(encode(&user)))?
+                .is_ok()
+            {
+                match (was_active, user.totp.is_some()) {
+                    (false, true) => self.counts.active.fetch_add(1, Ordering::Relaxed),
+                    (true, false) => self.counts.active.fetch_sub(1, Ordering::Relaxed),
+                    _ => 0,
+                };
+                return Ok(Some(result));
+            }
+        }
+    }
+
+    /// Counts users and users with TOTP active (a full scan: run it in the background).
+    pub fn recount(&self) -> Result<(), StoreError> {
+        let (mut users, mut active) = (0i64, 0i64);
+        for user in self.users() {
+            users += 1;
+            active += i64::from(user?.totp.is_some());
+        }
+        self.counts.users.store(users, Ordering::Relaxed);
+        self.counts.active.store(active, Ordering::Relaxed);
+        self.counts.ready.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// (users, users with TOTP active), once counted.
+    pub fn counts(&self) -> Option<(u64, u64)> {
+        let read = |n: &AtomicI64| n.load(Ordering::Relaxed).max(0) as u64;
+        self.counts
+            .ready
+            .load(Ordering::Relaxed)
+            .then(|| (read(&self.counts.users), read(&self.counts.active)))
+    }
+
+    /// Whether the store answers a read (health check).
+    pub fn is_healthy(&self) -> bool {
+        self.db.get(SCHEMA_KEY).is_ok_and(|v| v.is_some())
     }
 
     pub fn create_user(
@@ -451,23 +363,33 @@ impl Store {
             username: username.to_owned(),
             password_hash: password_hash.to_owned(),
             created_at: now,
-            stamp: 0,
             key_epoch: 0,
+            kept_key: None,
             totp: None,
             pending: None,
             failures: Default::default(),
             last_login: None,
+            temp_tokens: Vec::new(),
         };
-        self.transact(|tx| {
-            if tx.usernames.get(username.as_bytes())?.is_some() {
-                return Ok(Err(UsernameTaken));
-            }
-            tx.usernames
-                .insert(username.as_bytes(), &id.to_be_bytes())?;
-            tx.put_user(&user)?;
-            tx.bump(USERS_COUNTER, 1)?;
-            Ok(Ok(user.clone()))
-        })
+        // The name and the user are written together (a rare operation: a transaction is fine).
+        let created = (&self.users, &self.usernames)
+            .transaction(|(users, usernames)| {
+                if usernames.get(username.as_bytes())?.is_some() {
+                    return Ok(false);
+                }
+                usernames.insert(username.as_bytes(), &id.to_be_bytes())?;
+                users.insert(&id.to_be_bytes(), encode(&user))?;
+                Ok(true)
+            })
+            .map_err(|e: TransactionError<()>| match e {
+                TransactionError::Abort(()) => StoreError::Corrupt("aborted".into()),
+                TransactionError::Storage(e) => StoreError::Sled(e),
+            })?;
+        if !created {
+            return Ok(Err(UsernameTaken));
+        }
+        self.counts.users.fetch_add(1, Ordering::Relaxed);
+        Ok(Ok(user))
     }
 
     pub fn user(&self, id: UserId) -> Result<Option<User>, StoreError> {
@@ -479,13 +401,7 @@ impl Store {
 
     pub fn user_by_name(&self, username: &str) -> Result<Option<User>, StoreError> {
         match self.usernames.get(username.as_bytes())? {
-            Some(id) => {
-                let id: [u8; 8] = id
-                    .as_ref()
-                    .try_into()
-                    .map_err(|_| StoreError::Corrupt("username index entry".into()))?;
-                self.user(UserId::from_be_bytes(id))
-            }
+            Some(id) => self.user(user_id_from(&id)?),
             None => Ok(None),
         }
     }
@@ -498,6 +414,17 @@ impl Store {
             .map(|bytes| Ok(decode::<User>(&bytes?)?))
     }
 
+    fn insert_key(&self, digest: &Digest, user: &User, now: UnixTime) -> Result<(), StoreError> {
+        let key = LoginKey {
+            user_id: user.id,
+            epoch: user.key_epoch,
+            created_at: now,
+            last_used_at: now,
+        };
+        self.keys.insert(digest, encode(&key))?;
+        Ok(())
+    }
+
     /// Stores a login key for a user who passed the password step (no TOTP) and notes the login.
     pub fn issue_key(
         &self,
@@ -505,39 +432,34 @@ impl Store {
         digest: &Digest,
         now: UnixTime,
     ) -> Result<bool, StoreError> {
-        Ok(self
-            .update_user(user_id, |tx, user| {
-                tx.insert_key(digest, user, now)?;
-                user.last_login = Some(now);
-                Ok(((), true))
-            })?
-            .is_some())
+        let Some(user) = self.update_user(user_id, |user| {
+            user.last_login = Some(now);
+            (user.clone(), true)
+        })?
+        else {
+            return Ok(false);
+        };
+        self.insert_key(digest, &user, now)?;
+        Ok(true)
     }
 
-    /// The key's record and its user, if the key exists, was not revoked by a newer epoch and
-    /// has not outlived `lifetime`. Dead keys are deleted on the way; live ones get their
-    /// last use noted (at most once a minute).
+    /// The key's record and its user, if the key exists, was not revoked (its epoch is not below
+    /// the user's) and has not outlived `lifetime`. Dead keys are deleted on the way; live ones
+    /// get their last use noted (at most once a minute).
     pub fn authenticate_key(
         &self,
         digest: &Digest,
         lifetime: KeyLifetime,
         now: UnixTime,
     ) -> Result<Option<(LoginKey, User)>, StoreError> {
-        // The key and its user are read in one transaction: an epoch change that re-issues this
-        // very key (deactivation, password change) must not be seen half-way.
-        let found = self.transact(|tx| {
-            let Some(bytes) = tx.keys.get(digest)? else {
-                return Ok(None);
-            };
-            let key: LoginKey = decode(&bytes).map_err(corrupt)?;
-            let user = tx.user(key.user_id)?;
-            Ok(Some((bytes, key, user)))
-        })?;
-        let Some((bytes, mut key, user)) = found else {
+        let Some(bytes) = self.keys.get(digest)? else {
             return Ok(None);
         };
-        let user = user.filter(|user| user.key_epoch == key.epoch);
-        let Some(user) = user.filter(|_| lifetime.alive(&key, now)) else {
+        let mut key: LoginKey = decode(&bytes)?;
+        let user = self
+            .user(key.user_id)?
+            .filter(|user| user.key_valid(digest, key.epoch) && lifetime.alive(&key, now));
+        let Some(user) = user else {
             self.keys
                 .compare_and_swap(digest, Some(&bytes), None::<&[u8]>)?
                 .ok();
@@ -558,8 +480,63 @@ impl Store {
         Ok(self.keys.remove(digest)?.is_some())
     }
 
-    /// Revokes every key of the user (their records die lazily: the epoch no longer matches),
-    /// except `keep`, which is re-issued under the new epoch. False if there is no such user.
+    /// Moves the kept key `keep` to the user's new `epoch` (it is valid meanwhile through the
+    /// user's `kept_key`).
+    fn carry_key_over(
+        &self,
+        keep: &Digest,
+        user_id: UserId,
+        epoch: u64,
+        now: UnixTime,
+    ) -> Result<(), StoreError> {
+        loop {
+            let Some(bytes) = self.keys.get(keep)? else {
+                return Ok(());
+            };
+            let mut key: LoginKey = decode(&bytes)?;
+            if key.user_id != user_id || key.epoch >= epoch {
+                return Ok(());
+            }
+            key.epoch = epoch;
+            key.last_used_at = now;
+            if self
+                .keys
+                .compare_and_swap(keep, Some(&bytes), Some(encode(&key)))?
+                .is_ok()
+            {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Runs `change` on the user, which returns (result, write, revoke): with `revoke`, every
+    /// key but `keep` is revoked in the same write — the user's epoch rises and `keep` is
+    /// recorded as kept — and then the kept key's record is moved to the new epoch.
+    fn update_revoking_keys<T>(
+        &self,
+        user_id: UserId,
+        keep: Option<&Digest>,
+        now: UnixTime,
+        mut change: impl FnMut(&mut User) -> (T, bool, bool),
+    ) -> Result<Option<T>, StoreError> {
+        let mut raised_to = None;
+        let result = self.update_user(user_id, |user| {
+            let (result, write, revoke) = change(user);
+            raised_to = None;
+            if write && revoke {
+                user.key_epoch += 1;
+                user.kept_key = keep.copied();
+                raised_to = Some(user.key_epoch);
+            }
+            (result, write)
+        })?;
+        if let (Some(epoch), Some(keep)) = (raised_to, keep) {
+            self.carry_key_over(keep, user_id, epoch, now)?;
+        }
+        Ok(result)
+    }
+
+    /// Revokes every key of the user except `keep`. False if there is no such user.
     pub fn revoke_keys(
         &self,
         user_id: UserId,
@@ -567,10 +544,7 @@ impl Store {
         now: UnixTime,
     ) -> Result<bool, StoreError> {
         Ok(self
-            .update_user(user_id, |tx, user| {
-                revoke_keys_in(tx, user, keep, now)?;
-                Ok(((), true))
-            })?
+            .update_revoking_keys(user_id, keep, now, |_| ((), true, true))?
             .is_some())
     }
 
@@ -583,27 +557,50 @@ impl Store {
         now: UnixTime,
     ) -> Result<bool, StoreError> {
         Ok(self
-            .update_user(user_id, |tx, user| {
+            .update_revoking_keys(user_id, keep, now, |user| {
                 user.password_hash = password_hash.to_owned();
-                user.stamp += 1;
-                revoke_keys_in(tx, user, keep, now)?;
-                Ok(((), true))
+                user.temp_tokens.clear();
+                ((), true, true)
             })?
             .is_some())
     }
 
-    pub fn issue_temp_token(&self, digest: &Digest, token: &TempToken) -> Result<(), StoreError> {
-        self.temp_tokens.insert(digest, encode(token))?;
-        Ok(())
+    /// Hands out a temp token: indexed by digest, kept (with its expiry and attempts) in the
+    /// user's record, which holds at most `MAX_TEMP_TOKENS` (the oldest goes).
+    pub fn issue_temp_token(
+        &self,
+        user_id: UserId,
+        token: PendingLogin,
+        now: UnixTime,
+    ) -> Result<bool, StoreError> {
+        let mut index = user_id.to_be_bytes().to_vec();
+        index.extend_from_slice(&token.expires_at.to_be_bytes());
+        self.temp_tokens.insert(token.digest, index)?;
+        Ok(self
+            .update_user(user_id, |user| {
+                user.temp_tokens.retain(|t| t.is_live(now));
+                if user.temp_tokens.len() >= MAX_TEMP_TOKENS {
+                    user.temp_tokens.remove(0);
+                }
+                user.temp_tokens.push(token.clone());
+                ((), true)
+            })?
+            .is_some())
     }
 
-    /// The temp token and its user if the token may still be used at `now`.
+    /// The user a temp token was issued to, if it may still be used at `now`.
     pub fn live_temp_token(
         &self,
         digest: &Digest,
         now: UnixTime,
-    ) -> Result<Option<(TempToken, User)>, StoreError> {
-        self.transact(|tx| tx.live_temp_token(digest, now))
+    ) -> Result<Option<User>, StoreError> {
+        let Some(index) = self.temp_tokens.get(digest)? else {
+            return Ok(None);
+        };
+        let Some(mut user) = self.user(user_id_from(&index[..8.min(index.len())])?)? else {
+            return Ok(None);
+        };
+        Ok(live_token(&mut user, digest, now).is_some().then_some(user))
     }
 
     /// Replaces the pending secret, unless TOTP is already active.
@@ -612,12 +609,12 @@ impl Store {
         user_id: UserId,
         pending: &PendingTotp,
     ) -> Result<SetupOutcome, StoreError> {
-        let outcome = self.update_user(user_id, |_, user| {
+        let outcome = self.update_user(user_id, |user| {
             if user.totp.is_some() {
-                return Ok((SetupOutcome::AlreadyActive, false));
+                return (SetupOutcome::AlreadyActive, false);
             }
             user.pending = Some(pending.clone());
-            Ok((SetupOutcome::Started, true))
+            (SetupOutcome::Started, true)
         })?;
         Ok(outcome.unwrap_or(SetupOutcome::AlreadyActive))
     }
@@ -633,21 +630,21 @@ impl Store {
         policy: &LockPolicy,
         now: UnixTime,
     ) -> Result<Guarded, StoreError> {
-        let outcome = self.update_user(user_id, |_, user| {
+        let outcome = self.update_user(user_id, |user| {
             if user.totp.is_some() || user.pending.as_ref().map(|p| &p.secret) != Some(checked) {
-                return Ok((Guarded::Conflict, false));
+                return (Guarded::Conflict, false);
             }
             match refusal(judge(user, proof, policy, now)) {
-                Some(refused) => Ok((Guarded::Refused(refused), true)),
+                Some(refused) => (Guarded::Refused(refused), true),
                 None => {
                     user.pending = None;
                     user.totp = Some(active.clone());
-                    Ok((
+                    (
                         Guarded::Done {
                             recovery_code_used: false,
                         },
                         true,
-                    ))
+                    )
                 }
             }
         })?;
@@ -655,7 +652,7 @@ impl Store {
     }
 
     /// Deactivation, optionally guarded by a code (`proof` judged against `expected`): removes
-    /// the secret, the recovery codes and any pending setup, kills outstanding temp tokens and
+    /// the secret, the recovery codes, any pending setup and the outstanding temp tokens, and
     /// revokes every key but `keep`.
     pub fn deactivate(
         &self,
@@ -665,27 +662,33 @@ impl Store {
         keep: &Digest,
         now: UnixTime,
     ) -> Result<Guarded, StoreError> {
-        let outcome = self.update_user(user_id, |tx, user| {
+        let outcome = self.update_revoking_keys(user_id, Some(keep), now, |user| {
             if user.totp.is_none() {
-                return Ok((Guarded::Conflict, false));
+                return (Guarded::Conflict, false, false);
             }
             let mut recovery_code_used = false;
             if let Some((proof, expected)) = guard {
                 if !same_secret(user, proof, expected) {
-                    return Ok((Guarded::Conflict, false));
+                    return (Guarded::Conflict, false, false);
                 }
                 match judge(user, proof, policy, now) {
                     Judgement::Accepted {
-                        recovery_code_used: r,
-                    } => recovery_code_used = r,
-                    other => return Ok((Guarded::Refused(refusal(other).expect("refused")), true)),
+                        recovery_code_used: used,
+                    } => recovery_code_used = used,
+                    // Only the failure count is written: no key is revoked.
+                    other => {
+                        return (
+                            Guarded::Refused(refusal(other).expect("refused")),
+                            true,
+                            false,
+                        );
+                    }
                 }
             }
             user.totp = None;
             user.pending = None;
-            user.stamp += 1;
-            revoke_keys_in(tx, user, Some(keep), now)?;
-            Ok((Guarded::Done { recovery_code_used }, true))
+            user.temp_tokens.clear();
+            (Guarded::Done { recovery_code_used }, true, true)
         })?;
         Ok(outcome.unwrap_or(Guarded::Conflict))
     }
@@ -700,9 +703,9 @@ impl Store {
         policy: &LockPolicy,
         now: UnixTime,
     ) -> Result<Guarded, StoreError> {
-        let outcome = self.update_user(user_id, |_, user| {
+        let outcome = self.update_user(user_id, |user| {
             if user.totp.is_none() || !same_secret(user, proof, expected) {
-                return Ok((Guarded::Conflict, false));
+                return (Guarded::Conflict, false);
             }
             match judge(user, proof, policy, now) {
                 Judgement::Accepted { recovery_code_used } => {
@@ -710,18 +713,19 @@ impl Store {
                         totp.recovery_key = *key;
                         totp.recovery_hashes = hashes.to_vec();
                     }
-                    Ok((Guarded::Done { recovery_code_used }, true))
+                    (Guarded::Done { recovery_code_used }, true)
                 }
-                other => Ok((Guarded::Refused(refusal(other).expect("refused")), true)),
+                other => (Guarded::Refused(refusal(other).expect("refused")), true),
             }
         })?;
         Ok(outcome.unwrap_or(Guarded::Conflict))
     }
 
-    /// The second step of a login, in one transaction: `proof` is judged (replay, recovery code
-    /// consumption, failure count, lock); on success the temp token is consumed and the key
-    /// stored; a rejection spends one attempt of the temp token. `expected` is the secret a
-    /// TOTP proof was computed against.
+    /// The second step of a login, in one compare-and-swap of the user: `proof` is judged
+    /// (replay, recovery code consumption, failure count, lock); on success the temp token is
+    /// consumed, and then the key stored (an orphan key, should that insert fail, is a secret
+    /// nobody was told); a rejection spends one attempt of the temp token. `expected` is the
+    /// secret a TOTP proof was computed against.
     pub fn complete_login(
         &self,
         temp: &Digest,
@@ -731,68 +735,100 @@ impl Store {
         policy: &LockPolicy,
         now: UnixTime,
     ) -> Result<LoginOutcome, StoreError> {
-        self.transact(|tx| {
-            let Some((token, mut user)) = tx.live_temp_token(temp, now)? else {
-                return Ok(LoginOutcome::InvalidTempToken);
-            };
-            if !same_secret(&user, proof, expected) {
-                return Ok(LoginOutcome::InvalidTempToken);
+        let Some(index) = self.temp_tokens.get(temp)? else {
+            return Ok(LoginOutcome::InvalidTempToken);
+        };
+        let user_id = user_id_from(&index[..8.min(index.len())])?;
+        let mut key_epoch = 0;
+        let outcome = self.update_user(user_id, |user| {
+            key_epoch = user.key_epoch;
+            if live_token(user, temp, now).is_none() || !same_secret(user, proof, expected) {
+                return (LoginOutcome::InvalidTempToken, false);
             }
-            let judgement = judge(&mut user, proof, policy, now);
-            let outcome = match judgement {
+            let judgement = judge(user, proof, policy, now);
+            match judgement {
                 Judgement::Accepted { recovery_code_used } => {
-                    tx.temp_tokens.remove(temp)?;
-                    tx.insert_key(key, &user, now)?;
+                    user.temp_tokens
+                        .retain(|t| t.digest != *temp && t.is_live(now));
                     user.last_login = Some(now);
-                    LoginOutcome::LoggedIn {
+                    let recovery_codes_remaining =
+                        user.totp.as_ref().map_or(0, |t| t.recovery_hashes.len());
+                    let outcome = LoginOutcome::LoggedIn {
                         recovery_code_used,
-                        recovery_codes_remaining: user
-                            .totp
-                            .as_ref()
-                            .map_or(0, |t| t.recovery_hashes.len()),
-                    }
+                        recovery_codes_remaining,
+                    };
+                    (outcome, true)
                 }
                 Judgement::Rejected { .. } => {
-                    tx.spend_attempt(temp, token)?;
-                    LoginOutcome::Refused(refusal(judgement).expect("refused"))
+                    if let Some(token) = live_token(user, temp, now) {
+                        token.attempts_left -= 1;
+                    }
+                    user.temp_tokens.retain(|t| t.is_live(now));
+                    (
+                        LoginOutcome::Refused(refusal(judgement).expect("refused")),
+                        true,
+                    )
                 }
-                Judgement::Locked { .. } => {
-                    return Ok(LoginOutcome::Refused(refusal(judgement).expect("refused")));
-                }
+                Judgement::Locked { .. } => (
+                    LoginOutcome::Refused(refusal(judgement).expect("refused")),
+                    false,
+                ),
+            }
+        })?;
+        let Some(outcome) = outcome else {
+            return Ok(LoginOutcome::InvalidTempToken);
+        };
+        if matches!(outcome, LoginOutcome::LoggedIn { .. }) {
+            let record = LoginKey {
+                user_id,
+                epoch: key_epoch,
+                created_at: now,
+                last_used_at: now,
             };
-            tx.put_user(&user)?;
-            Ok(outcome)
-        })
+            self.keys.insert(key, encode(&record))?;
+            self.temp_tokens.remove(temp)?;
+        }
+        Ok(outcome)
     }
 
     /// Deletes a user. Their keys and temp tokens die with them (they no longer resolve) and are
     /// swept later. False if there was no such user.
     pub fn remove_user(&self, user_id: UserId) -> Result<bool, StoreError> {
-        self.transact(|tx| {
-            let Some(user) = tx.user(user_id)? else {
-                return Ok(false);
-            };
-            tx.users.remove(&user_id.to_be_bytes())?;
-            tx.usernames.remove(user.username.as_bytes())?;
-            tx.bump(USERS_COUNTER, -1)?;
+        let removed = (&self.users, &self.usernames)
+            .transaction(|(users, usernames)| {
+                let Some(bytes) = users.get(user_id.to_be_bytes())? else {
+                    return Ok(None);
+                };
+                let user: User = decode(&bytes).map_err(|e| {
+                    sled::transaction::ConflictableTransactionError::Abort(StoreError::from(e))
+                })?;
+                users.remove(&user_id.to_be_bytes())?;
+                usernames.remove(user.username.as_bytes())?;
+                Ok(Some(user))
+            })
+            .map_err(|e| match e {
+                TransactionError::Abort(e) => e,
+                TransactionError::Storage(e) => StoreError::Sled(e),
+            })?;
+        if let Some(user) = &removed {
+            self.counts.users.fetch_sub(1, Ordering::Relaxed);
             if user.totp.is_some() {
-                tx.bump(ACTIVE_COUNTER, -1)?;
+                self.counts.active.fetch_sub(1, Ordering::Relaxed);
             }
-            Ok(true)
-        })
+        }
+        Ok(removed.is_some())
     }
 
     /// For a lost phone: clears the secret, any pending setup, the recovery codes and the lock,
     /// and revokes every key and temp token of the user. False if no such user.
     pub fn reset_totp(&self, user_id: UserId, now: UnixTime) -> Result<bool, StoreError> {
         Ok(self
-            .update_user(user_id, |tx, user| {
+            .update_revoking_keys(user_id, None, now, |user| {
                 user.totp = None;
                 user.pending = None;
                 user.failures = Default::default();
-                user.stamp += 1;
-                revoke_keys_in(tx, user, None, now)?;
-                Ok(((), true))
+                user.temp_tokens.clear();
+                ((), true, true)
             })?
             .is_some())
     }
@@ -800,28 +836,23 @@ impl Store {
     /// Clears a user's failure count and lock (administrator action). False if no such user.
     pub fn unlock(&self, user_id: UserId) -> Result<bool, StoreError> {
         Ok(self
-            .update_user(user_id, |_, user| {
+            .update_user(user_id, |user| {
                 user.failures = Default::default();
-                Ok(((), true))
+                ((), true)
             })?
             .is_some())
     }
 
     /// Re-seals every stored secret with `reseal`, which returns `None` for secrets already
-    /// sealed under the current key. One transaction per user. Returns how many changed.
+    /// sealed under the current key. One compare-and-swap per user. Returns how many changed.
     pub fn reseal_all<E>(
         &self,
         reseal: impl Fn(UserId, &StoredSecret) -> Result<Option<StoredSecret>, E>,
     ) -> Result<Result<usize, E>, StoreError> {
         let mut changed = 0;
         for entry in self.users.iter().keys() {
-            let id = UserId::from_be_bytes(
-                entry?
-                    .as_ref()
-                    .try_into()
-                    .map_err(|_| StoreError::Corrupt("user key".into()))?,
-            );
-            let result = self.update_user(id, |_, user| {
+            let id = user_id_from(&entry?)?;
+            let result = self.update_user(id, |user| {
                 let mut touched = false;
                 if let Some(totp) = user.totp.as_mut() {
                     match reseal(id, &totp.secret) {
@@ -830,7 +861,7 @@ impl Store {
                             touched = true;
                         }
                         Ok(None) => {}
-                        Err(e) => return Ok((Err(e), false)),
+                        Err(e) => return (Err(e), false),
                     }
                 }
                 if let Some(pending) = user.pending.as_mut() {
@@ -840,10 +871,10 @@ impl Store {
                             touched = true;
                         }
                         Ok(None) => {}
-                        Err(e) => return Ok((Err(e), false)),
+                        Err(e) => return (Err(e), false),
                     }
                 }
-                Ok((Ok(touched), touched))
+                (Ok(touched), touched)
             })?;
             match result {
                 Some(Ok(true)) => changed += 1,
@@ -867,15 +898,19 @@ impl Store {
         Ok(())
     }
 
-    /// Appends an event to the audit trail (durable with the next `persist`).
+    /// Queues an event for the audit trail; the next flush (`persist`, `flush_now`) writes it
+    /// first, so it is durable with the change it describes.
     pub fn record_event(&self, event: &AuditEvent) -> Result<(), StoreError> {
         let mut key = event.time.to_be_bytes().to_vec();
         key.extend_from_slice(&self.db.generate_id()?.to_be_bytes());
-        self.audit.insert(key, encode(event))?;
+        self.audit_queue
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(key, encode(event));
         Ok(())
     }
 
-    /// Events from `since` on, oldest first.
+    /// Events from `since` on, oldest first (those written by a flush so far).
     pub fn events(
         &self,
         since: UnixTime,
@@ -886,8 +921,8 @@ impl Store {
             .map(|bytes| Ok(decode::<AuditEvent>(&bytes?)?))
     }
 
-    /// Deletes what has outlived its use: expired temp tokens, dead keys, and audit events
-    /// older than `audit_cutoff`. Returns how many records went.
+    /// Deletes what has outlived its use: expired temp-token index entries, dead keys, and
+    /// audit events older than `audit_cutoff`. Returns how many records went.
     pub fn sweep(
         &self,
         now: UnixTime,
@@ -896,12 +931,15 @@ impl Store {
     ) -> Result<usize, StoreError> {
         let mut removed = 0;
         for entry in self.temp_tokens.iter() {
-            let (digest, bytes) = entry?;
-            let expired = decode::<TempToken>(&bytes).map_or(true, |t| t.expires_at <= now);
+            let (digest, index) = entry?;
+            let expired = index
+                .get(8..16)
+                .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                .is_none_or(|b| UnixTime::from_be_bytes(b) <= now);
             if expired
                 && self
                     .temp_tokens
-                    .compare_and_swap(&digest, Some(&bytes), None::<&[u8]>)?
+                    .compare_and_swap(&digest, Some(&index), None::<&[u8]>)?
                     .is_ok()
             {
                 removed += 1;
@@ -914,7 +952,7 @@ impl Store {
                     !lifetime.alive(&key, now)
                         || self
                             .user(key.user_id)?
-                            .is_none_or(|u| u.key_epoch != key.epoch)
+                            .is_none_or(|u| !u.key_valid(&digest_of(&digest), key.epoch))
                 }
                 Err(_) => true,
             };
@@ -942,6 +980,7 @@ impl Store {
         &self,
         mut f: impl FnMut(&str, &[u8], &[u8]) -> std::io::Result<()>,
     ) -> Result<std::io::Result<u64>, StoreError> {
+        write_queued_events(&self.audit_queue, &self.audit)?;
         let mut count = 0;
         for (name, tree) in self.named_trees() {
             for entry in tree.iter() {
@@ -975,10 +1014,9 @@ impl Store {
         self.users.is_empty()
     }
 
-    fn named_trees(&self) -> [(&'static str, &sled::Tree); 7] {
+    fn named_trees(&self) -> [(&'static str, &sled::Tree); 6] {
         [
             ("", &self.db),
-            ("meta", &self.meta),
             ("users", &self.users),
             ("usernames", &self.usernames),
             ("keys", &self.keys),
@@ -993,26 +1031,16 @@ impl Store {
     }
 }
 
-/// Moves the user to a new key epoch (every key issued before stops working) and re-issues
-/// `keep` under it.
-fn revoke_keys_in(
-    tx: &Tx<'_>,
-    user: &mut User,
-    keep: Option<&Digest>,
-    now: UnixTime,
-) -> TxResult<()> {
-    user.key_epoch += 1;
-    if let Some(digest) = keep {
-        if let Some(bytes) = tx.keys.get(digest)? {
-            let mut key: LoginKey = decode(&bytes).map_err(corrupt)?;
-            if key.user_id == user.id {
-                key.epoch = user.key_epoch;
-                key.last_used_at = now;
-                tx.keys.insert(digest, encode(&key))?;
-            }
-        }
-    }
-    Ok(())
+/// Writes the queued audit events in one batch.
+fn write_queued_events(queue: &Mutex<sled::Batch>, audit: &sled::Tree) -> Result<(), sled::Error> {
+    let batch = std::mem::take(&mut *queue.lock().unwrap_or_else(PoisonError::into_inner));
+    audit.apply_batch(batch)
+}
+
+fn user_id_from(bytes: &[u8]) -> Result<UserId, StoreError> {
+    <[u8; 8]>::try_from(bytes)
+        .map(UserId::from_be_bytes)
+        .map_err(|_| StoreError::Corrupt("a user id of the wrong length".into()))
 }
 
 fn create_private_dir(dir: &Path) -> std::io::Result<()> {
@@ -1056,4 +1084,12 @@ fn check_schema(db: &sled::Db, data_dir: &Path) -> Result<(), OpenError> {
             }
         }
     }
+}
+
+/// A digest from a tree key (keys of the `keys` tree are digests).
+fn digest_of(bytes: &[u8]) -> Digest {
+    let mut digest = [0u8; 32];
+    let n = bytes.len().min(32);
+    digest[..n].copy_from_slice(&bytes[..n]);
+    digest
 }

@@ -140,8 +140,9 @@ async fn the_lock_survives_a_restart() {
 async fn parallel_guesses_on_fresh_temp_tokens_cannot_outrun_the_lock() {
     let app = Arc::new(spawn_app().await);
     let user = app.enrolled_user("alice").await;
+    // As many temp tokens as a user may hold at once (a newer login evicts the oldest).
     let mut temps = Vec::new();
-    for _ in 0..100 {
+    for _ in 0..totpd::store::MAX_TEMP_TOKENS {
         temps.push(app.temp_token("alice").await);
     }
     let mut set = JoinSet::new();
@@ -1018,4 +1019,21 @@ async fn open_connections_are_capped() {
         "served after {waited:?}: the cap did not hold"
     );
     drop(held);
+}
+
+/// A flood of password logins cannot pile up temp tokens: a user holds at most
+/// `MAX_TEMP_TOKENS`, and the oldest is the first to go.
+#[tokio::test]
+async fn temp_tokens_per_user_are_capped_oldest_first() {
+    let app = spawn_app().await;
+    let user = app.enrolled_user("alice").await;
+    let first = app.temp_token("alice").await;
+    let mut rest = Vec::new();
+    for _ in 0..totpd::store::MAX_TEMP_TOKENS {
+        rest.push(app.temp_token("alice").await);
+    }
+    let evicted = app.verify(&first, &app.code(&user.totp, 0)).await;
+    assert_error(&evicted, StatusCode::UNAUTHORIZED, "invalid_temp_token");
+    let oldest_kept = app.verify(&rest[0], &app.code(&user.totp, 0)).await;
+    assert_eq!(oldest_kept.status, StatusCode::OK);
 }
