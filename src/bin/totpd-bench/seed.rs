@@ -11,7 +11,7 @@ use totpd::attempt::{LockPolicy, Proof};
 use totpd::clock::{Clock, SystemClock, UnixTime};
 use totpd::config::Config;
 use totpd::models::{
-    ActiveTotp, AuditEvent, EventKind, PendingTotp, StoredSecret, TempToken, User,
+    ActiveTotp, AuditEvent, EventKind, PendingLogin, PendingTotp, StoredSecret, User,
 };
 use totpd::password::{Argon2Settings, PasswordHasher};
 use totpd::sealing::{self, Keyring};
@@ -280,13 +280,14 @@ impl Seeder {
     /// A temp token as login issues it after the password step, good for `attempts` codes.
     pub fn temp_token(&self, user: &User, attempts: u32) -> Result<String, String> {
         let (token, digest) = secrets::new_temp_token().map_err(err)?;
-        let record = TempToken {
-            user_id: user.id,
-            stamp: user.stamp,
+        let record = PendingLogin {
+            digest,
             expires_at: self.now + TOKEN_LIFETIME,
             attempts_left: attempts,
         };
-        self.store.issue_temp_token(&digest, &record).map_err(err)?;
+        self.store
+            .issue_temp_token(user.id, record, self.now)
+            .map_err(err)?;
         Ok(token)
     }
 
