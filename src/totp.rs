@@ -75,19 +75,38 @@ impl std::fmt::Debug for Code {
     }
 }
 
-/// RFC 4226 §5.3: HMAC-SHA-1 of the 8-byte big-endian counter, dynamic truncation, `mod 10^digits`.
-pub fn hotp(key: &[u8], counter: u64, digits: u32) -> u32 {
-    let mut mac = Hmac::<Sha1>::new_from_slice(key).expect("HMAC accepts keys of any length");
+/// An HMAC-SHA-1 keyed with a secret once: each counter then costs two SHA-1 compressions.
+fn keyed(key: &[u8]) -> Hmac<Sha1> {
+    Hmac::<Sha1>::new_from_slice(key).expect("HMAC accepts keys of any length")
+}
+
+/// RFC 4226 §5.3 from a keyed HMAC: the 8-byte big-endian counter, dynamic truncation.
+fn truncated(mac: &Hmac<Sha1>, counter: u64) -> u32 {
+    let mut mac = mac.clone();
     mac.update(&counter.to_be_bytes());
     let digest = mac.finalize().into_bytes();
     let offset = usize::from(digest[digest.len() - 1] & 0x0f);
-    let binary = u32::from_be_bytes([
+    u32::from_be_bytes([
         digest[offset],
         digest[offset + 1],
         digest[offset + 2],
         digest[offset + 3],
-    ]) & 0x7fff_ffff;
-    binary % 10u32.pow(digits)
+    ]) & 0x7fff_ffff
+}
+
+/// RFC 4226 §5.3: HMAC-SHA-1 of the 8-byte big-endian counter, dynamic truncation, `mod 10^digits`.
+pub fn hotp(key: &[u8], counter: u64, digits: u32) -> u32 {
+    truncated(&keyed(key), counter) % 10u32.pow(digits)
+}
+
+/// Six ASCII digits of a value below 10^6, zero padded.
+fn digits_of(mut value: u32) -> [u8; DIGITS] {
+    let mut digits = [b'0'; DIGITS];
+    for digit in digits.iter_mut().rev() {
+        *digit = b'0' + (value % 10) as u8;
+        value /= 10;
+    }
+    digits
 }
 
 /// RFC 6238 §4.2: the time step of a Unix time, T = floor(t / 30) with T0 = 0.
@@ -97,27 +116,26 @@ pub fn step_at(now: UnixTime) -> u64 {
 
 /// The six-digit code of a time step, zero padded.
 pub fn code_at(secret: &Secret, step: u64) -> Code {
-    let value = hotp(secret.as_bytes(), step, DIGITS as u32);
-    let mut digits = [b'0'; DIGITS];
-    let text = format!("{value:06}");
-    digits.copy_from_slice(text.as_bytes());
-    Code(digits)
+    Code(digits_of(hotp(secret.as_bytes(), step, DIGITS as u32)))
 }
 
-/// Checks `code` against the steps `now ± skew` and returns the latest step it matches.
-/// Every candidate is computed and compared in constant time, so the answer's timing does not
-/// depend on which step (if any) matched. Replay is the caller's business: it must refuse a step
-/// at or before the last one it accepted (RFC 6238 §5.2).
+/// Checks `code` against the steps `now ± skew` — the current step first, then outwards — and
+/// returns the step it matches. Each candidate is compared in constant time, and a code that
+/// matches nothing is compared with every candidate, so timing reveals nothing about a wrong
+/// code; it stops at a match, which reveals only which step a right code was for. Replay is the
+/// caller's business: it must refuse a step at or before the last one it accepted (RFC 6238 §5.2).
 pub fn verify(secret: &Secret, code: &Code, now: UnixTime, skew: u64) -> Option<u64> {
+    let mac = keyed(secret.as_bytes());
     let current = step_at(now);
-    let mut matched = None;
-    for step in current.saturating_sub(skew)..=current.saturating_add(skew) {
-        let candidate = code_at(secret, step);
-        if bool::from(candidate.0.ct_eq(&code.0)) {
-            matched = Some(step);
-        }
-    }
-    matched
+    let nearest_first = std::iter::once(current).chain((1..=skew).flat_map(|d| {
+        [current.checked_add(d), current.checked_sub(d)]
+            .into_iter()
+            .flatten()
+    }));
+    nearest_first.into_iter().find(|&step| {
+        let candidate = digits_of(truncated(&mac, step) % 1_000_000);
+        bool::from(candidate.ct_eq(&code.0))
+    })
 }
 
 /// Everything but RFC 3986's unreserved characters is percent-encoded, so a space is `%20`
