@@ -98,11 +98,11 @@ impl Plan {
             main: MainPlan {
                 per_worker: 64,
                 setup: 30_000 * f,
-                activate: 25_000 * f,
-                valid_users: 15_000 * f,
+                activate: 60_000 * f,
+                valid_users: 20_000 * f,
                 valid_per_user: 3,
-                recovery_users: 3_000 * f,
-                wrong_tokens: 6_000 * f,
+                recovery_users: 6_000 * f,
+                wrong_tokens: 15_000 * f,
             },
             scale: if quick {
                 vec![1_000, 100_000]
