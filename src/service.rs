@@ -560,6 +560,7 @@ impl Service {
         };
         let (key, key_digest) = secrets::new_login_key()?;
         let outcome = self.store.complete_login(
+            user.id,
             &temp,
             &proof,
             &active.secret,

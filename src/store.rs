@@ -724,10 +724,14 @@ impl Store {
     /// The second step of a login, in one compare-and-swap of the user: `proof` is judged
     /// (replay, recovery code consumption, failure count, lock); on success the temp token is
     /// consumed, and then the key stored (an orphan key, should that insert fail, is a secret
-    /// nobody was told); a rejection spends one attempt of the temp token. `expected` is the
-    /// secret a TOTP proof was computed against.
+    /// nobody was told); a rejection spends one attempt of the temp token. `user_id` is the
+    /// token's user as `live_temp_token` found it (the token must still be in that user's
+    /// record), `expected` the secret a TOTP proof was computed against. The token's index entry
+    /// is left for the sweeper: it no longer resolves.
+    #[allow(clippy::too_many_arguments)]
     pub fn complete_login(
         &self,
+        user_id: UserId,
         temp: &Digest,
         proof: &Proof<'_>,
         expected: &StoredSecret,
@@ -735,10 +739,6 @@ impl Store {
         policy: &LockPolicy,
         now: UnixTime,
     ) -> Result<LoginOutcome, StoreError> {
-        let Some(index) = self.temp_tokens.get(temp)? else {
-            return Ok(LoginOutcome::InvalidTempToken);
-        };
-        let user_id = user_id_from(&index[..8.min(index.len())])?;
         let mut key_epoch = 0;
         let outcome = self.update_user(user_id, |user| {
             key_epoch = user.key_epoch;
@@ -786,7 +786,6 @@ impl Store {
                 last_used_at: now,
             };
             self.keys.insert(key, encode(&record))?;
-            self.temp_tokens.remove(temp)?;
         }
         Ok(outcome)
     }
