@@ -30,7 +30,7 @@ pub struct Config {
     pub log_level: String,
     pub totp_skew: u64,
     pub argon2: Argon2Settings,
-    /// Threads that may run Argon2 at once; 0 means one per CPU core.
+    /// Threads that may run Argon2 at once; 0 means one per CPU core but one.
     pub hash_threads: usize,
     pub max_connections: usize,
     pub header_read_timeout: u64,
@@ -80,9 +80,13 @@ impl Config {
             .unwrap_or_else(|| self.data_dir.join("master.key"))
     }
 
+    /// `hash_threads` with 0 resolved to one less than the CPU cores (at least one), so that a
+    /// flood of logins always leaves a core for everything else.
     pub fn hash_threads(&self) -> usize {
         match self.hash_threads {
-            0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
+            0 => {
+                std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1).max(1))
+            }
             n => n,
         }
     }

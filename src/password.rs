@@ -1,6 +1,7 @@
 //! Password hashing with Argon2id (PHC strings, a random salt per user), always off the async
-//! executor: each hash runs on tokio's blocking pool behind a semaphore sized to the cores, so a
-//! flood of logins queues for CPU instead of starving the threads that answer verify.
+//! executor: each hash runs on tokio's blocking pool behind a semaphore (`hash_threads`, by
+//! default one fewer than the cores), so a flood of logins queues for CPU instead of starving
+//! the threads that answer verify.
 
 use std::sync::Arc;
 

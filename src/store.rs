@@ -920,8 +920,10 @@ impl Store {
             .map(|bytes| Ok(decode::<AuditEvent>(&bytes?)?))
     }
 
-    /// Deletes what has outlived its use: expired temp-token index entries, dead keys, and
-    /// audit events older than `audit_cutoff`. Returns how many records went.
+    /// Deletes what has outlived its use: expired temp-token index entries, keys past their
+    /// lifetime, and audit events older than `audit_cutoff`. Returns how many records went.
+    /// Keys revoked by an epoch are not looked for here (that would read every user): they
+    /// fail, and are deleted, at their next use, and expire like the others.
     pub fn sweep(
         &self,
         now: UnixTime,
@@ -946,15 +948,7 @@ impl Store {
         }
         for entry in self.keys.iter() {
             let (digest, bytes) = entry?;
-            let dead = match decode::<LoginKey>(&bytes) {
-                Ok(key) => {
-                    !lifetime.alive(&key, now)
-                        || self
-                            .user(key.user_id)?
-                            .is_none_or(|u| !u.key_valid(&digest_of(&digest), key.epoch))
-                }
-                Err(_) => true,
-            };
+            let dead = decode::<LoginKey>(&bytes).map_or(true, |key| !lifetime.alive(&key, now));
             if dead
                 && self
                     .keys
@@ -1083,12 +1077,4 @@ fn check_schema(db: &sled::Db, data_dir: &Path) -> Result<(), OpenError> {
             }
         }
     }
-}
-
-/// A digest from a tree key (keys of the `keys` tree are digests).
-fn digest_of(bytes: &[u8]) -> Digest {
-    let mut digest = [0u8; 32];
-    let n = bytes.len().min(32);
-    digest[..n].copy_from_slice(&bytes[..n]);
-    digest
 }
