@@ -271,7 +271,8 @@ fn run(args: &Args) -> Result<(), String> {
     std::fs::write(work.join("empty.toml"), "").map_err(|e| e.to_string())?;
 
     let argon2 = Argon2Settings::default();
-    let hash_threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    // The server's own default for `hash_threads` (0: one per core but one).
+    let hash_threads = totpd::config::Config::default().hash_threads();
     let argon2_seconds = argon2_seconds(argon2)?;
     let mut results = Results {
         machine: machine(),
