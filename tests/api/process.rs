@@ -159,6 +159,28 @@ impl Server {
         body
     }
 
+    /// Logs alice in, sets up and activates TOTP with the current code: (key, authenticator,
+    /// the activating code, the recovery codes).
+    async fn enroll(&self) -> (String, Totp, String, Vec<String>) {
+        let key = self.login().await["key"].as_str().expect("key").to_owned();
+        let (status, setup) = self
+            .post("/api/v1/auth/totp/setup/", Some(&key), json!({}))
+            .await;
+        assert_eq!(status, StatusCode::CREATED);
+        let totp = Totp::from_url(setup["provisioning_uri"].as_str().expect("uri")).expect("uri");
+        let code = totp.generate_current().to_string();
+        let (status, activated) = self
+            .post(
+                "/api/v1/auth/totp/activate/",
+                Some(&key),
+                json!({"token": code}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{activated}");
+        let recovery = serde_json::from_value(activated["recovery_codes"].clone()).expect("codes");
+        (key, totp, code, recovery)
+    }
+
     async fn verify(&self, token: &str) -> (StatusCode, Value) {
         let temp = self.login().await["temp_token"]
             .as_str()
@@ -340,24 +362,7 @@ async fn kill_9_right_after_a_response_loses_nothing() {
     );
 
     let server = Server::start(dir.path());
-    let key = server.login().await["key"]
-        .as_str()
-        .expect("key")
-        .to_owned();
-    let (status, setup) = server
-        .post("/api/v1/auth/totp/setup/", Some(&key), json!({}))
-        .await;
-    assert_eq!(status, StatusCode::CREATED);
-    let totp = Totp::from_url(setup["provisioning_uri"].as_str().expect("uri")).expect("uri");
-    let code = totp.generate_current().to_string();
-    let (status, activated) = server
-        .post(
-            "/api/v1/auth/totp/activate/",
-            Some(&key),
-            json!({"token": code}),
-        )
-        .await;
-    assert_eq!(status, StatusCode::OK, "{activated}");
+    let (key, _, code, recovery_codes) = server.enroll().await;
     server.kill9();
 
     let server = Server::start(dir.path());
@@ -372,10 +377,7 @@ async fn kill_9_right_after_a_response_loses_nothing() {
         StatusCode::BAD_REQUEST,
         "the activation step stays consumed"
     );
-    let recovery = activated["recovery_codes"][0]
-        .as_str()
-        .expect("code")
-        .to_owned();
+    let recovery = recovery_codes[0].clone();
     let (status, verified) = server.verify(&recovery).await;
     assert_eq!(status, StatusCode::OK);
     let second_key = verified["key"].as_str().expect("key").to_owned();
@@ -788,22 +790,7 @@ async fn rotate_key_reseals_under_a_new_key() {
             .success()
     );
     let server = Server::start(dir.path());
-    let key = server.login().await["key"]
-        .as_str()
-        .expect("key")
-        .to_owned();
-    let (_, setup) = server
-        .post("/api/v1/auth/totp/setup/", Some(&key), json!({}))
-        .await;
-    let totp = Totp::from_url(setup["provisioning_uri"].as_str().expect("uri")).expect("uri");
-    let (status, _) = server
-        .post(
-            "/api/v1/auth/totp/activate/",
-            Some(&key),
-            json!({"token": totp.generate_current().to_string()}),
-        )
-        .await;
-    assert_eq!(status, StatusCode::OK);
+    let (_, totp, _, _) = server.enroll().await;
     drop(server);
 
     let key_file = dir.path().join("master.key");
