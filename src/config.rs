@@ -194,311 +194,213 @@ impl Raw<'_> {
     }
 }
 
-type Apply = fn(&mut Config, &Raw<'_>) -> Result<(), String>;
+/// What a key holds and how it is stored into the configuration.
+enum Kind {
+    /// An integer from `min` to `max`.
+    Integer {
+        min: u64,
+        max: u64,
+        set: fn(&mut Config, u64),
+    },
+    Boolean(fn(&mut Config, bool)),
+    /// A string, checked and stored by the function.
+    Text(fn(&mut Config, String) -> Result<(), String>),
+    /// IP addresses and CIDR networks: a TOML array, or comma-separated in the environment.
+    Networks(fn(&mut Config, Vec<IpNet>)),
+}
 
 /// One configuration key.
 pub struct Key {
     /// Dotted TOML name; the environment variable is `TOTPD_` + the name upper-cased with `_`
     /// for `.`.
     pub name: &'static str,
-    apply: Apply,
+    kind: Kind,
 }
 
 impl Key {
+    const fn integer(name: &'static str, min: u64, max: u64, set: fn(&mut Config, u64)) -> Key {
+        Key {
+            name,
+            kind: Kind::Integer { min, max, set },
+        }
+    }
+
+    const fn boolean(name: &'static str, set: fn(&mut Config, bool)) -> Key {
+        Key {
+            name,
+            kind: Kind::Boolean(set),
+        }
+    }
+
+    const fn text(name: &'static str, set: fn(&mut Config, String) -> Result<(), String>) -> Key {
+        Key {
+            name,
+            kind: Kind::Text(set),
+        }
+    }
+
+    const fn networks(name: &'static str, set: fn(&mut Config, Vec<IpNet>)) -> Key {
+        Key {
+            name,
+            kind: Kind::Networks(set),
+        }
+    }
+
     pub fn env_var(&self) -> String {
         format!(
             "{ENV_PREFIX}{}",
             self.name.replace('.', "_").to_ascii_uppercase()
         )
     }
+
+    fn apply(&self, config: &mut Config, raw: &Raw<'_>) -> Result<(), String> {
+        match self.kind {
+            Kind::Integer { min, max, set } => set(config, raw.integer(min, max)?),
+            Kind::Boolean(set) => set(config, raw.boolean()?),
+            Kind::Text(set) => set(config, raw.string()?)?,
+            Kind::Networks(set) => set(config, networks(raw)?),
+        }
+        Ok(())
+    }
 }
 
 const GIB: u64 = 1024 * 1024 * 1024;
 
+/// An optional path: empty means unset.
+fn optional_path(s: String) -> Option<PathBuf> {
+    (!s.is_empty()).then(|| PathBuf::from(s))
+}
+
 /// Every key, in the order `config.toml` documents them.
 pub const KEYS: &[Key] = &[
-    Key {
-        name: "listen",
-        apply: |c, r| {
-            let s = r.string()?;
-            c.listen = s
-                .parse()
-                .map_err(|_| format!("must be IP:PORT, like 127.0.0.1:8000 (got {s:?})"))?;
-            Ok(())
+    Key::text("listen", |c, s| {
+        c.listen = s
+            .parse()
+            .map_err(|_| format!("must be IP:PORT, like 127.0.0.1:8000 (got {s:?})"))?;
+        Ok(())
+    }),
+    Key::text("data_dir", |c, s| {
+        if s.is_empty() {
+            return Err("must not be empty".into());
+        }
+        c.data_dir = PathBuf::from(s);
+        Ok(())
+    }),
+    Key::text("issuer", |c, s| {
+        if s.trim().is_empty() || s.chars().count() > 64 || s.chars().any(char::is_control) {
+            return Err("must be 1 to 64 characters without control characters".into());
+        }
+        c.issuer = s;
+        Ok(())
+    }),
+    Key::boolean("allow_registration", |c, v| c.allow_registration = v),
+    Key::integer("temp_token_ttl", 10, 3600, |c, v| c.temp_token_ttl = v),
+    Key::integer("temp_token_attempts", 1, 20, |c, v| {
+        c.temp_token_attempts = v as u32;
+    }),
+    Key::integer("cache_capacity", 1024 * 1024, 64 * GIB, |c, v| {
+        c.cache_capacity = v;
+    }),
+    Key::text("log_level", |c, s| {
+        tracing_subscriber::EnvFilter::try_new(&s)
+            .map_err(|e| format!("is not a valid filter ({e})"))?;
+        c.log_level = s;
+        Ok(())
+    }),
+    Key::text("log_format", |c, s| {
+        c.log_format = match s.as_str() {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            _ => return Err("must be \"text\" or \"json\"".into()),
+        };
+        Ok(())
+    }),
+    Key::integer("hash_threads", 0, 256, |c, v| c.hash_threads = v as usize),
+    Key::integer("max_connections", 1, 1_000_000, |c, v| {
+        c.max_connections = v as usize;
+    }),
+    Key::integer("header_read_timeout", 1, 600, |c, v| {
+        c.header_read_timeout = v;
+    }),
+    Key::integer("body_read_timeout", 1, 600, |c, v| c.body_read_timeout = v),
+    Key::integer("key_ttl", 60, 10 * 365 * DAY, |c, v| c.key_ttl = v),
+    Key::integer("key_idle_ttl", 60, 10 * 365 * DAY, |c, v| {
+        c.key_idle_ttl = v
+    }),
+    Key::text("master_key_file", |c, s| {
+        c.master_key_file = optional_path(s);
+        Ok(())
+    }),
+    Key::text("master_key", |c, s| {
+        if s.trim().is_empty() {
+            c.master_key = None;
+            return Ok(());
+        }
+        for key in s.split(',') {
+            crate::sealing::MasterKey::parse(key)?;
+        }
+        c.master_key = Some(s);
+        Ok(())
+    }),
+    Key::text("tls_cert", |c, s| {
+        c.tls_cert = optional_path(s);
+        Ok(())
+    }),
+    Key::text("tls_key", |c, s| {
+        c.tls_key = optional_path(s);
+        Ok(())
+    }),
+    Key::networks("trusted_proxies", |c, v| c.trusted_proxies = v),
+    Key::networks("metrics_allow", |c, v| c.metrics_allow = v),
+    Key::integer("audit_retention_days", 1, 36_500, |c, v| {
+        c.audit_retention_days = v;
+    }),
+    Key::integer("rate_limit.per_minute", 0, 1_000_000, |c, v| {
+        c.ip_rate.per_minute = v as u32;
+    }),
+    Key::integer("rate_limit.burst", 1, 1_000_000, |c, v| {
+        c.ip_rate.burst = v as u32;
+    }),
+    Key::integer(
+        "rate_limit.login_failures_per_minute",
+        0,
+        1_000_000,
+        |c, v| {
+            c.login_failure_rate.per_minute = v as u32;
         },
-    },
-    Key {
-        name: "data_dir",
-        apply: |c, r| {
-            let s = r.string()?;
-            if s.is_empty() {
-                return Err("must not be empty".into());
-            }
-            c.data_dir = PathBuf::from(s);
-            Ok(())
-        },
-    },
-    Key {
-        name: "issuer",
-        apply: |c, r| {
-            let s = r.string()?;
-            if s.trim().is_empty() || s.chars().count() > 64 || s.chars().any(char::is_control) {
-                return Err("must be 1 to 64 characters without control characters".into());
-            }
-            c.issuer = s;
-            Ok(())
-        },
-    },
-    Key {
-        name: "allow_registration",
-        apply: |c, r| {
-            c.allow_registration = r.boolean()?;
-            Ok(())
-        },
-    },
-    Key {
-        name: "temp_token_ttl",
-        apply: |c, r| {
-            c.temp_token_ttl = r.integer(10, 3600)?;
-            Ok(())
-        },
-    },
-    Key {
-        name: "temp_token_attempts",
-        apply: |c, r| {
-            c.temp_token_attempts = r.integer(1, 20)? as u32;
-            Ok(())
-        },
-    },
-    Key {
-        name: "cache_capacity",
-        apply: |c, r| {
-            c.cache_capacity = r.integer(1024 * 1024, 64 * GIB)?;
-            Ok(())
-        },
-    },
-    Key {
-        name: "log_level",
-        apply: |c, r| {
-            let s = r.string()?;
-            tracing_subscriber::EnvFilter::try_new(&s)
-                .map_err(|e| format!("is not a valid filter ({e})"))?;
-            c.log_level = s;
-            Ok(())
-        },
-    },
-    Key {
-        name: "hash_threads",
-        apply: |c, r| {
-            c.hash_threads = r.integer(0, 256)? as usize;
-            Ok(())
-        },
-    },
-    Key {
-        name: "max_connections",
-        apply: |c, r| {
-            c.max_connections = r.integer(1, 1_000_000)? as usize;
-            Ok(())
-        },
-    },
-    Key {
-        name: "header_read_timeout",
-        apply: |c, r| {
-            c.header_read_timeout = r.integer(1, 600)?;
-            Ok(())
-        },
-    },
-    Key {
-        name: "body_read_timeout",
-        apply: |c, r| {
-            c.body_read_timeout = r.integer(1, 600)?;
-            Ok(())
-        },
-    },
-    Key {
-        name: "key_ttl",
-        apply: |c, r| {
-            c.key_ttl = r.integer(60, 10 * 365 * DAY)?;
-            Ok(())
-        },
-    },
-    Key {
-        name: "key_idle_ttl",
-        apply: |c, r| {
-            c.key_idle_ttl = r.integer(60, 10 * 365 * DAY)?;
-            Ok(())
-        },
-    },
-    Key {
-        name: "master_key_file",
-        apply: |c, r| {
-            let s = r.string()?;
-            c.master_key_file = (!s.is_empty()).then(|| PathBuf::from(s));
-            Ok(())
-        },
-    },
-    Key {
-        name: "master_key",
-        apply: |c, r| {
-            let s = r.string()?;
-            if s.trim().is_empty() {
-                c.master_key = None;
-                return Ok(());
-            }
-            for key in s.split(',') {
-                crate::sealing::MasterKey::parse(key)?;
-            }
-            c.master_key = Some(s);
-            Ok(())
-        },
-    },
-    Key {
-        name: "trusted_proxies",
-        apply: |c, r| {
-            c.trusted_proxies = networks(r)?;
-            Ok(())
-        },
-    },
-    Key {
-        name: "metrics_allow",
-        apply: |c, r| {
-            c.metrics_allow = networks(r)?;
-            Ok(())
-        },
-    },
-    Key {
-        name: "log_format",
-        apply: |c, r| {
-            c.log_format = match r.string()?.as_str() {
-                "text" => LogFormat::Text,
-                "json" => LogFormat::Json,
-                _ => return Err("must be \"text\" or \"json\"".into()),
-            };
-            Ok(())
-        },
-    },
-    Key {
-        name: "tls_cert",
-        apply: |c, r| {
-            let s = r.string()?;
-            c.tls_cert = (!s.is_empty()).then(|| PathBuf::from(s));
-            Ok(())
-        },
-    },
-    Key {
-        name: "tls_key",
-        apply: |c, r| {
-            let s = r.string()?;
-            c.tls_key = (!s.is_empty()).then(|| PathBuf::from(s));
-            Ok(())
-        },
-    },
-    Key {
-        name: "audit_retention_days",
-        apply: |c, r| {
-            c.audit_retention_days = r.integer(1, 36_500)?;
-            Ok(())
-        },
-    },
-    Key {
-        name: "rate_limit.per_minute",
-        apply: |c, r| {
-            c.ip_rate.per_minute = r.integer(0, 1_000_000)? as u32;
-            Ok(())
-        },
-    },
-    Key {
-        name: "rate_limit.burst",
-        apply: |c, r| {
-            c.ip_rate.burst = r.integer(1, 1_000_000)? as u32;
-            Ok(())
-        },
-    },
-    Key {
-        name: "rate_limit.login_failures_per_minute",
-        apply: |c, r| {
-            c.login_failure_rate.per_minute = r.integer(0, 1_000_000)? as u32;
-            Ok(())
-        },
-    },
-    Key {
-        name: "rate_limit.login_failures_burst",
-        apply: |c, r| {
-            c.login_failure_rate.burst = r.integer(1, 1_000_000)? as u32;
-            Ok(())
-        },
-    },
-    Key {
-        name: "rate_limit.max_entries",
-        apply: |c, r| {
-            c.rate_limit_max_entries = r.integer(100, 100_000_000)? as usize;
-            Ok(())
-        },
-    },
-    Key {
-        name: "lockout.threshold",
-        apply: |c, r| {
-            c.lockout.threshold = r.integer(1, 100)? as u32;
-            Ok(())
-        },
-    },
-    Key {
-        name: "lockout.base_seconds",
-        apply: |c, r| {
-            c.lockout.base_seconds = r.integer(1, 30 * DAY)?;
-            Ok(())
-        },
-    },
-    Key {
-        name: "lockout.max_seconds",
-        apply: |c, r| {
-            c.lockout.max_seconds = r.integer(1, 365 * DAY)?;
-            Ok(())
-        },
-    },
-    Key {
-        name: "lockout.hard_limit",
-        apply: |c, r| {
-            // NIST SP 800-63B §5.2.2: no more than 100 consecutive failures.
-            c.lockout.hard_limit = r.integer(1, 100)? as u32;
-            Ok(())
-        },
-    },
-    Key {
-        name: "totp.require_code_to_deactivate",
-        apply: |c, r| {
-            c.require_code_to_deactivate = r.boolean()?;
-            Ok(())
-        },
-    },
-    Key {
-        name: "totp.skew",
-        apply: |c, r| {
-            c.totp_skew = r.integer(0, MAX_SKEW)?;
-            Ok(())
-        },
-    },
-    Key {
-        name: "argon2.memory_kib",
-        apply: |c, r| {
-            c.argon2.memory_kib = r.integer(8, 4 * 1024 * 1024)? as u32;
-            Ok(())
-        },
-    },
-    Key {
-        name: "argon2.iterations",
-        apply: |c, r| {
-            c.argon2.iterations = r.integer(1, 100)? as u32;
-            Ok(())
-        },
-    },
-    Key {
-        name: "argon2.parallelism",
-        apply: |c, r| {
-            c.argon2.parallelism = r.integer(1, 64)? as u32;
-            Ok(())
-        },
-    },
+    ),
+    Key::integer("rate_limit.login_failures_burst", 1, 1_000_000, |c, v| {
+        c.login_failure_rate.burst = v as u32;
+    }),
+    Key::integer("rate_limit.max_entries", 100, 100_000_000, |c, v| {
+        c.rate_limit_max_entries = v as usize;
+    }),
+    Key::integer("lockout.threshold", 1, 100, |c, v| {
+        c.lockout.threshold = v as u32;
+    }),
+    Key::integer("lockout.base_seconds", 1, 30 * DAY, |c, v| {
+        c.lockout.base_seconds = v;
+    }),
+    Key::integer("lockout.max_seconds", 1, 365 * DAY, |c, v| {
+        c.lockout.max_seconds = v;
+    }),
+    // NIST SP 800-63B §5.2.2: no more than 100 consecutive failures.
+    Key::integer("lockout.hard_limit", 1, 100, |c, v| {
+        c.lockout.hard_limit = v as u32;
+    }),
+    Key::boolean("totp.require_code_to_deactivate", |c, v| {
+        c.require_code_to_deactivate = v;
+    }),
+    Key::integer("totp.skew", 0, MAX_SKEW, |c, v| c.totp_skew = v),
+    Key::integer("argon2.memory_kib", 8, 4 * 1024 * 1024, |c, v| {
+        c.argon2.memory_kib = v as u32;
+    }),
+    Key::integer("argon2.iterations", 1, 100, |c, v| {
+        c.argon2.iterations = v as u32;
+    }),
+    Key::integer("argon2.parallelism", 1, 64, |c, v| {
+        c.argon2.parallelism = v as u32;
+    }),
 ];
 
 /// IP addresses and CIDR networks.
@@ -556,7 +458,7 @@ impl Config {
             }
             match KEYS.iter().find(|k| k.env_var() == *var) {
                 Some(key) => {
-                    if let Err(e) = (key.apply)(&mut config, &Raw::Env(value)) {
+                    if let Err(e) = key.apply(&mut config, &Raw::Env(value)) {
                         problems.push(format!("{var}: {e}"));
                     }
                 }
@@ -616,7 +518,7 @@ impl Config {
 
 fn apply_key(config: &mut Config, name: &str, raw: &Raw<'_>) -> Result<(), String> {
     match KEYS.iter().find(|k| k.name == name) {
-        Some(key) => (key.apply)(config, raw),
+        Some(key) => key.apply(config, raw),
         None => Err("unknown key".into()),
     }
 }
