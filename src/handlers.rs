@@ -275,10 +275,13 @@ pub async fn metrics(state: AppState, request: Request) -> Reply {
     let gauges = tokio::task::spawn_blocking(move || {
         // Until the count after start is done, the gauges read 0.
         let (users, totp_active) = store.counts().unwrap_or((0, 0));
+        let (flushes, acknowledged_writes) = store.commit_stats();
         Ok::<_, crate::store::StoreError>(StoreGauges {
             users,
             totp_active,
             database_bytes: store.size_on_disk()?,
+            flushes,
+            acknowledged_writes,
         })
     })
     .await

@@ -94,7 +94,7 @@ impl AppState {
             key_lifetime: config.key_lifetime(),
         };
         let login_failures = Buckets::new(config.login_failure_rate, config.rate_limit_max_entries);
-        let metrics = Arc::new(Metrics::default());
+        let metrics = Arc::new(Metrics::new(routes::ROUTES.iter().map(|(_, path)| *path)));
         let service = Arc::new(Service::new(
             Arc::clone(&store),
             hasher.clone(),

@@ -1,11 +1,9 @@
-//! Prometheus metrics, kept in memory with atomics: requests by route and status, latency
+//! Prometheus metrics, kept in memory in atomics allocated at start: requests by route and status, latency
 //! histograms by route, verify outcomes, lockouts. Gauges that live in the store (users, users
 //! with TOTP active, database size) are read when `/metrics` is scraped.
 
-use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 /// Upper bounds of the latency buckets, in seconds.
@@ -43,18 +41,36 @@ impl VerifyOutcome {
     }
 }
 
-#[derive(Default)]
-struct Histogram {
+/// What one route has seen: answers by status, and a latency histogram.
+struct RouteStats {
+    name: &'static str,
+    /// Indexed by status − 100 (every HTTP status is 100 to 599).
+    statuses: Vec<AtomicU64>,
     buckets: [AtomicU64; BUCKETS.len()],
     count: AtomicU64,
     /// Microseconds.
     sum: AtomicU64,
 }
 
-#[derive(Default)]
+impl RouteStats {
+    fn new(name: &'static str) -> Self {
+        Self {
+            name,
+            statuses: (100..600).map(|_| AtomicU64::new(0)).collect(),
+            buckets: Default::default(),
+            count: AtomicU64::new(0),
+            sum: AtomicU64::new(0),
+        }
+    }
+}
+
+/// The label of requests to no known route.
+pub const OTHER_ROUTE: &str = "other";
+
+/// Every counter is an atomic, allocated when the server starts: recording takes no lock.
 pub struct Metrics {
-    requests: Mutex<HashMap<(&'static str, u16), u64>>,
-    latency: Mutex<HashMap<&'static str, &'static Histogram>>,
+    /// One per route, then `other`.
+    routes: Vec<RouteStats>,
     verify: [AtomicU64; 5],
     lockouts: AtomicU64,
 }
@@ -64,32 +80,46 @@ pub struct StoreGauges {
     pub users: u64,
     pub totp_active: u64,
     pub database_bytes: u64,
+    /// Group-commit flushes done, and the durable writes they acknowledged.
+    pub flushes: u64,
+    pub acknowledged_writes: u64,
 }
 
 impl Metrics {
-    /// Counts one answered request on `route` (a path template, or "other").
-    pub fn record_request(&self, route: &'static str, status: u16, elapsed: Duration) {
-        *self
-            .requests
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .entry((route, status))
-            .or_insert(0) += 1;
-        let histogram = *self
-            .latency
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .entry(route)
-            // One histogram per route, for the life of the process: the set of routes is fixed.
-            .or_insert_with(|| Box::leak(Box::default()));
+    /// Metrics for these routes (path templates) and `other`.
+    pub fn new(routes: impl IntoIterator<Item = &'static str>) -> Self {
+        Self {
+            routes: routes
+                .into_iter()
+                .chain([OTHER_ROUTE])
+                .map(RouteStats::new)
+                .collect(),
+            verify: Default::default(),
+            lockouts: AtomicU64::new(0),
+        }
+    }
+
+    /// Counts one answered request on `route` (a path template, or anything else as `other`).
+    pub fn record_request(&self, route: &str, status: u16, elapsed: Duration) {
+        let Some(stats) = self
+            .routes
+            .iter()
+            .find(|r| r.name == route)
+            .or_else(|| self.routes.last())
+        else {
+            return;
+        };
+        if let Some(counter) = stats.statuses.get(usize::from(status).wrapping_sub(100)) {
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
         let seconds = elapsed.as_secs_f64();
-        for (bucket, bound) in histogram.buckets.iter().zip(BUCKETS) {
+        for (bucket, bound) in stats.buckets.iter().zip(BUCKETS) {
             if seconds <= bound {
                 bucket.fetch_add(1, Ordering::Relaxed);
             }
         }
-        histogram.count.fetch_add(1, Ordering::Relaxed);
-        histogram
+        stats.count.fetch_add(1, Ordering::Relaxed);
+        stats
             .sum
             .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
     }
@@ -113,51 +143,47 @@ impl Metrics {
             "# HELP totpd_http_requests_total HTTP requests answered, by route and status.\n",
         );
         out.push_str("# TYPE totpd_http_requests_total counter\n");
-        let mut requests: Vec<_> = self
-            .requests
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .iter()
-            .map(|(k, v)| (*k, *v))
-            .collect();
-        requests.sort();
-        for ((route, status), count) in requests {
-            let _ = writeln!(
-                out,
-                "totpd_http_requests_total{{route=\"{route}\",status=\"{status}\"}} {count}"
-            );
+        for route in &self.routes {
+            for (offset, count) in route.statuses.iter().enumerate() {
+                let count = count.load(Ordering::Relaxed);
+                if count > 0 {
+                    let _ = writeln!(
+                        out,
+                        "totpd_http_requests_total{{route=\"{}\",status=\"{}\"}} {count}",
+                        route.name,
+                        offset + 100
+                    );
+                }
+            }
         }
         out.push_str("# HELP totpd_http_request_duration_seconds Time to answer, by route.\n");
         out.push_str("# TYPE totpd_http_request_duration_seconds histogram\n");
-        let mut latency: Vec<_> = self
-            .latency
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+        for route in self
+            .routes
             .iter()
-            .map(|(k, v)| (*k, *v))
-            .collect();
-        latency.sort_by_key(|(route, _)| *route);
-        for (route, histogram) in latency {
-            for (bucket, bound) in histogram.buckets.iter().zip(BUCKETS) {
+            .filter(|r| r.count.load(Ordering::Relaxed) > 0)
+        {
+            let name = route.name;
+            for (bucket, bound) in route.buckets.iter().zip(BUCKETS) {
                 let _ = writeln!(
                     out,
-                    "totpd_http_request_duration_seconds_bucket{{route=\"{route}\",le=\"{bound}\"}} {}",
+                    "totpd_http_request_duration_seconds_bucket{{route=\"{name}\",le=\"{bound}\"}} {}",
                     bucket.load(Ordering::Relaxed)
                 );
             }
-            let count = histogram.count.load(Ordering::Relaxed);
+            let count = route.count.load(Ordering::Relaxed);
             let _ = writeln!(
                 out,
-                "totpd_http_request_duration_seconds_bucket{{route=\"{route}\",le=\"+Inf\"}} {count}"
+                "totpd_http_request_duration_seconds_bucket{{route=\"{name}\",le=\"+Inf\"}} {count}"
             );
             let _ = writeln!(
                 out,
-                "totpd_http_request_duration_seconds_sum{{route=\"{route}\"}} {}",
-                histogram.sum.load(Ordering::Relaxed) as f64 / 1e6
+                "totpd_http_request_duration_seconds_sum{{route=\"{name}\"}} {}",
+                route.sum.load(Ordering::Relaxed) as f64 / 1e6
             );
             let _ = writeln!(
                 out,
-                "totpd_http_request_duration_seconds_count{{route=\"{route}\"}} {count}"
+                "totpd_http_request_duration_seconds_count{{route=\"{name}\"}} {count}"
             );
         }
         out.push_str("# HELP totpd_verify_total Verify requests by outcome.\n");
@@ -193,6 +219,20 @@ impl Metrics {
         );
         gauge(
             &mut out,
+            "totpd_store_flushes_total",
+            "counter",
+            "Group-commit flushes of the store.",
+            gauges.flushes,
+        );
+        gauge(
+            &mut out,
+            "totpd_store_acknowledged_writes_total",
+            "counter",
+            "Requests whose writes a flush made durable (per flush: the batching achieved).",
+            gauges.acknowledged_writes,
+        );
+        gauge(
+            &mut out,
             "totpd_database_bytes",
             "gauge",
             "Bytes the database files take.",
@@ -208,16 +248,19 @@ mod tests {
 
     #[test]
     fn renders_counters_histograms_and_gauges() {
-        let metrics = Metrics::default();
+        let metrics = Metrics::new(["/api/v1/auth/totp/verify/", "/healthz"]);
         metrics.record_request("/api/v1/auth/totp/verify/", 200, Duration::from_micros(800));
         metrics.record_request("/api/v1/auth/totp/verify/", 200, Duration::from_millis(30));
         metrics.record_request("/api/v1/auth/totp/verify/", 400, Duration::from_millis(1));
+        metrics.record_request("/wp-admin/", 404, Duration::from_micros(50));
         metrics.record_verify(VerifyOutcome::Replay);
         metrics.record_lockout();
         let text = metrics.render(&StoreGauges {
             users: 3,
             totp_active: 2,
             database_bytes: 4096,
+            flushes: 7,
+            acknowledged_writes: 40,
         });
         for line in [
             "totpd_http_requests_total{route=\"/api/v1/auth/totp/verify/\",status=\"200\"} 2",
@@ -226,12 +269,15 @@ mod tests {
             "totpd_http_request_duration_seconds_bucket{route=\"/api/v1/auth/totp/verify/\",le=\"0.025\"} 2",
             "totpd_http_request_duration_seconds_bucket{route=\"/api/v1/auth/totp/verify/\",le=\"0.05\"} 3",
             "totpd_http_request_duration_seconds_count{route=\"/api/v1/auth/totp/verify/\"} 3",
+            "totpd_http_requests_total{route=\"other\",status=\"404\"} 1",
             "totpd_verify_total{outcome=\"replay\"} 1",
             "totpd_verify_total{outcome=\"ok\"} 0",
             "totpd_lockouts_total 1",
             "totpd_users 3",
             "totpd_users_totp_active 2",
             "totpd_database_bytes 4096",
+            "totpd_store_flushes_total 7",
+            "totpd_store_acknowledged_writes_total 40",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line}\n{text}");
         }

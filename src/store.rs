@@ -414,10 +414,17 @@ impl Store {
             .map(|bytes| Ok(decode::<User>(&bytes?)?))
     }
 
-    fn insert_key(&self, digest: &Digest, user: &User, now: UnixTime) -> Result<(), StoreError> {
+    /// Stores a login key of `user_id` issued at key epoch `epoch`.
+    fn insert_key(
+        &self,
+        digest: &Digest,
+        user_id: UserId,
+        epoch: u64,
+        now: UnixTime,
+    ) -> Result<(), StoreError> {
         let key = LoginKey {
-            user_id: user.id,
-            epoch: user.key_epoch,
+            user_id,
+            epoch,
             created_at: now,
             last_used_at: now,
         };
@@ -432,14 +439,14 @@ impl Store {
         digest: &Digest,
         now: UnixTime,
     ) -> Result<bool, StoreError> {
-        let Some(user) = self.update_user(user_id, |user| {
+        let Some(epoch) = self.update_user(user_id, |user| {
             user.last_login = Some(now);
-            (user.clone(), true)
+            (user.key_epoch, true)
         })?
         else {
             return Ok(false);
         };
-        self.insert_key(digest, &user, now)?;
+        self.insert_key(digest, user_id, epoch, now)?;
         Ok(true)
     }
 
@@ -779,13 +786,7 @@ impl Store {
             return Ok(LoginOutcome::InvalidTempToken);
         };
         if matches!(outcome, LoginOutcome::LoggedIn { .. }) {
-            let record = LoginKey {
-                user_id,
-                epoch: key_epoch,
-                created_at: now,
-                last_used_at: now,
-            };
-            self.keys.insert(key, encode(&record))?;
+            self.insert_key(key, user_id, key_epoch, now)?;
         }
         Ok(outcome)
     }
@@ -1000,11 +1001,6 @@ impl Store {
             }
             None => Ok(false),
         }
-    }
-
-    /// Whether the store holds no user (a restore needs an empty one).
-    pub fn is_empty(&self) -> bool {
-        self.users.is_empty()
     }
 
     fn named_trees(&self) -> [(&'static str, &sled::Tree); 6] {

@@ -262,12 +262,22 @@ async fn metrics_count_requests_verify_outcomes_lockouts_and_users() {
     assert!(text.contains(
         "totpd_http_request_duration_seconds_bucket{route=\"/api/v1/auth/login/\",le=\"+Inf\"}"
     ));
-    let size = text
-        .lines()
-        .find_map(|l| l.strip_prefix("totpd_database_bytes "))
-        .and_then(|v| v.parse::<u64>().ok())
-        .expect("database size");
-    assert!(size > 0);
+    let value = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+    };
+    assert!(value("totpd_database_bytes") > 0);
+    // Every durable answer above went through a flush; a flush may acknowledge several.
+    let (flushes, acknowledged) = (
+        value("totpd_store_flushes_total"),
+        value("totpd_store_acknowledged_writes_total"),
+    );
+    assert!(
+        flushes > 0 && acknowledged >= flushes,
+        "{flushes} {acknowledged}"
+    );
 }
 
 #[tokio::test]
