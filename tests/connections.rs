@@ -10,25 +10,22 @@
 //!
 //! Each test prints its figures.
 
-use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-const BIN: &str = env!("CARGO_BIN_EXE_totpd");
+mod common;
+
+use common::report;
+
 const TIMEOUT_SECONDS: u64 = 2;
 const IDLE: usize = 200;
 const SLOWLORIS: usize = 20;
 const SLOW_BODIES: usize = 5;
-
-fn report(line: &str) {
-    // Straight to stderr: the harness captures `eprintln!`, and these figures are the point.
-    let _ = writeln!(std::io::stderr().lock(), "{line}");
-}
 
 struct Server {
     child: Child,
@@ -45,41 +42,22 @@ impl Drop for Server {
 
 fn start() -> Server {
     let dir = tempfile::tempdir().expect("tempdir");
-    let config = dir.path().join("empty.toml");
-    std::fs::write(&config, "").expect("config");
-    let mut command = Command::new(BIN);
-    for (key, _) in std::env::vars_os() {
-        if key.to_string_lossy().starts_with("TOTPD_") {
-            command.env_remove(key);
-        }
-    }
-    let mut child = command
-        .env("TOTPD_CONFIG", &config)
-        .env("TOTPD_ARGON2_MEMORY_KIB", "64")
-        .env("TOTPD_ARGON2_ITERATIONS", "1")
-        .env("TOTPD_RATE_LIMIT_PER_MINUTE", "0")
-        .env("TOTPD_RATE_LIMIT_LOGIN_FAILURES_PER_MINUTE", "0")
+    let mut child = common::totpd(dir.path(), &dir.path().join("data"))
         .env("TOTPD_ALLOW_REGISTRATION", "true")
         .env("TOTPD_HEADER_READ_TIMEOUT", TIMEOUT_SECONDS.to_string())
         .env("TOTPD_BODY_READ_TIMEOUT", TIMEOUT_SECONDS.to_string())
-        .env("TOTPD_LOG_LEVEL", "warn")
-        .arg("--data-dir")
-        .arg(dir.path().join("data"))
         .args(["serve", "--listen", "127.0.0.1:0"])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .expect("spawn totpd");
-    let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
-    let mut line = String::new();
-    stdout.read_line(&mut line).expect("listening line");
-    std::thread::spawn(move || while stdout.read_line(&mut String::new()).unwrap_or(0) > 0 {});
-    let addr = line
-        .trim_end()
-        .strip_prefix("listening on http://")
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-        .parse()
-        .expect("IP:PORT");
+    let listening =
+        common::listening(&mut child, Duration::from_secs(30)).unwrap_or_else(|e| panic!("{e}"));
+    let addr = listening
+        .base
+        .strip_prefix("http://")
+        .and_then(|a| a.parse().ok())
+        .expect("http://IP:PORT");
     Server {
         child,
         addr,

@@ -14,7 +14,6 @@
 //! activation or deactivation by reading the status) or stops relying on what it touched.
 //! `CRASH_KILLS` and `CRASH_SEED` override the number of kills (default 24) and the seed.
 
-use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -26,7 +25,10 @@ use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
 use totp_rs::Totp;
 
-const BIN: &str = env!("CARGO_BIN_EXE_totpd");
+mod common;
+
+use common::report;
+
 const USERS: usize = 12;
 const PASSWORD: &str = "password123";
 /// Wrong codes a temp token survives (the largest allowed), so the checks need few logins.
@@ -40,11 +42,6 @@ const FAILURE_BUDGET: u32 = 60;
 /// checking a temp token can never log anyone in.
 const NOBODYS_RECOVERY_CODE: &str = "0000-0000-0000-0000";
 
-fn report(line: &str) {
-    // Straight to stderr: the harness captures `eprintln!`, and these figures are the point.
-    let _ = writeln!(std::io::stderr().lock(), "{line}");
-}
-
 fn unix_now() -> u64 {
     std::time::UNIX_EPOCH.elapsed().expect("clock").as_secs()
 }
@@ -56,24 +53,11 @@ fn step_now() -> u64 {
 // ---- the process ----
 
 fn totpd(dir: &Path) -> Command {
-    let mut command = Command::new(BIN);
-    for (key, _) in std::env::vars_os() {
-        if key.to_string_lossy().starts_with("TOTPD_") {
-            command.env_remove(key);
-        }
-    }
+    let mut command = common::totpd(dir, &dir.join("data"));
     command
-        .env("TOTPD_CONFIG", dir.join("empty.toml"))
-        .env("TOTPD_ARGON2_MEMORY_KIB", "64")
-        .env("TOTPD_ARGON2_ITERATIONS", "1")
-        .env("TOTPD_RATE_LIMIT_PER_MINUTE", "0")
-        .env("TOTPD_RATE_LIMIT_LOGIN_FAILURES_PER_MINUTE", "0")
         .env("TOTPD_LOCKOUT_THRESHOLD", LOCKOUT_THRESHOLD.to_string())
         .env("TOTPD_TEMP_TOKEN_ATTEMPTS", TEMP_TOKEN_ATTEMPTS.to_string())
-        .env("TOTPD_ALLOW_REGISTRATION", "true")
-        .env("TOTPD_LOG_LEVEL", "warn")
-        .arg("--data-dir")
-        .arg(dir.join("data"));
+        .env("TOTPD_ALLOW_REGISTRATION", "true");
     command
 }
 
@@ -93,29 +77,14 @@ impl Server {
             .stderr(std::fs::File::create(&log).expect("log file"))
             .spawn()
             .expect("spawn totpd");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut stdout = BufReader::new(stdout);
-            let mut line = String::new();
-            let _ = stdout.read_line(&mut line);
-            let _ = tx.send(line);
-            // Drain the rest so the server never blocks on a full pipe.
-            while stdout.read_line(&mut String::new()).unwrap_or(0) > 0 {}
-        });
-        let line = match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(line) => line,
-            Err(_) => {
+        let listening = match common::listening(&mut child, Duration::from_secs(30)) {
+            Ok(listening) => listening,
+            Err(e) => {
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err("no listening line within 30 s".into());
+                let stderr = std::fs::read_to_string(&log).unwrap_or_default();
+                return Err(format!("start failed: {e} {stderr}"));
             }
-        };
-        let Some(addr) = line.trim_end().strip_prefix("listening on http://") else {
-            let _ = child.kill();
-            let _ = child.wait();
-            let stderr = std::fs::read_to_string(&log).unwrap_or_default();
-            return Err(format!("start failed: {line:?} {stderr}"));
         };
         let client = reqwest::Client::builder()
             .timeout(Duration::from_secs(20))
@@ -124,7 +93,7 @@ impl Server {
         Ok(Server {
             child,
             api: Api {
-                base: format!("http://{addr}"),
+                base: listening.base,
                 client,
             },
             log,
@@ -799,7 +768,6 @@ impl World {
     /// A fresh data dir with `USERS` registered users, each with a key and TOTP off.
     async fn new(seed: u64) -> (World, Server) {
         let dir = tempfile::tempdir().expect("tempdir");
-        std::fs::write(dir.path().join("empty.toml"), "").expect("config");
         let server = Server::start(dir.path(), 0).expect("first start");
         let mut accounts = Vec::new();
         for i in 0..USERS {

@@ -11,8 +11,6 @@
 //!   and code are in the README's error table; the same holds over HTTP against the real server.
 
 use std::collections::BTreeSet;
-use std::io::Write;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use proptest::prelude::*;
@@ -24,11 +22,9 @@ use totpd::input;
 use totpd::secrets::RecoveryCode;
 use totpd::totp::{self, Code, Secret};
 
-/// Writes straight to stderr: the test harness captures `println!`/`eprintln!`, not this, so the
-/// figures show in a plain `cargo test`.
-fn report(line: &str) {
-    let _ = writeln!(std::io::stderr().lock(), "{line}");
-}
+mod common;
+
+use common::report;
 
 /// Runs `test` on `cases` values of `strategy`; panics with the shrunk counter-example.
 fn check<S: Strategy>(
@@ -709,30 +705,9 @@ fn the_server_answers_arbitrary_bodies_with_a_documented_4xx_json_error() {
 /// The real server in this process on a free port, with a user who has a login key and no TOTP.
 async fn start_server(dir: &tempfile::TempDir) -> (String, String) {
     use totpd::clock::{Clock, ManualClock};
-    let config = totpd::config::Config {
-        data_dir: dir.path().join("data"),
-        argon2: totpd::password::Argon2Settings {
-            memory_kib: 64,
-            iterations: 1,
-            parallelism: 1,
-        },
-        hash_threads: 2,
-        ip_rate: totpd::limits::Rate {
-            per_minute: 0,
-            burst: 10,
-        },
-        login_failure_rate: totpd::limits::Rate {
-            per_minute: 0,
-            burst: 10,
-        },
-        ..totpd::config::Config::default()
-    };
     let clock = ManualClock::new(1_800_000_015);
-    let shared: Arc<dyn Clock> = Arc::new(clock.clone());
-    let state = tokio::task::spawn_blocking(move || totpd::AppState::build(config, shared))
-        .await
-        .expect("build task")
-        .expect("state builds");
+    let config = common::quick_config(dir.path().join("data"));
+    let (base, state) = common::serve_in_process(config, clock.clone()).await;
     let ctx = totpd::service::Ctx {
         now: clock.now(),
         ip: None,
@@ -742,15 +717,6 @@ async fn start_server(dir: &tempfile::TempDir) -> (String, String) {
         .create_user("alice", "password123".to_owned(), &ctx)
         .await
         .expect("user");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let base = format!("http://{}", listener.local_addr().expect("addr"));
-    tokio::spawn(totpd::server::serve(
-        listener,
-        state,
-        std::future::pending::<()>(),
-    ));
     let response = reqwest::Client::new()
         .post(format!("{base}/api/v1/auth/login/"))
         .json(&json!({"username": "alice", "password": "password123"}))

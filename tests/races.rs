@@ -8,7 +8,6 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::future::Future;
-use std::io::Write;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -18,17 +17,15 @@ use tempfile::TempDir;
 use tokio::task::JoinSet;
 use totp_rs::Totp;
 use totpd::clock::{Clock, ManualClock};
-use totpd::config::Config;
 
 const PASSWORD: &str = "password123";
 /// Parallel requests per contested thing.
 const RACERS: usize = 6;
 const USERS: usize = 16;
 
-fn report(line: &str) {
-    // Straight to stderr: the harness captures `eprintln!`, and these figures are the point.
-    let _ = writeln!(std::io::stderr().lock(), "{line}");
-}
+mod common;
+
+use common::report;
 
 struct App {
     base: String,
@@ -44,33 +41,10 @@ type Answer = (u16, Value);
 
 async fn spawn_app() -> Arc<App> {
     let dir = tempfile::tempdir().expect("tempdir");
-    let no_limit = totpd::limits::Rate {
-        per_minute: 0,
-        burst: 10,
-    };
-    let mut config = Config {
-        data_dir: dir.path().join("data"),
-        argon2: totpd::password::Argon2Settings {
-            memory_kib: 64,
-            iterations: 1,
-            parallelism: 1,
-        },
-        hash_threads: 2,
-        ip_rate: no_limit,
-        login_failure_rate: no_limit,
-        ..Config::default()
-    };
+    let mut config = common::quick_config(dir.path().join("data"));
     config.lockout.threshold = 100;
     let clock = ManualClock::new(1_800_000_015);
-    let shared: Arc<dyn Clock> = Arc::new(clock.clone());
-    let state = tokio::task::spawn_blocking(move || totpd::AppState::build(config, shared))
-        .await
-        .expect("build task")
-        .expect("state builds");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let base = format!("http://{}", listener.local_addr().expect("addr"));
+    let (base, state) = common::serve_in_process(config, clock.clone()).await;
     let ctx = totpd::service::Ctx {
         now: clock.now(),
         ip: None,
@@ -82,11 +56,6 @@ async fn spawn_app() -> Arc<App> {
             .await
             .expect("user");
     }
-    tokio::spawn(totpd::server::serve(
-        listener,
-        state,
-        std::future::pending::<()>(),
-    ));
     Arc::new(App {
         base,
         client: reqwest::Client::new(),

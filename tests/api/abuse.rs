@@ -8,9 +8,7 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 use tokio::task::JoinSet;
 
-use crate::helpers::{
-    NO_LIMIT, assert_error, raw_request, spawn_app, spawn_app_with, start, test_config,
-};
+use crate::helpers::{assert_error, raw_request, spawn_app, spawn_app_with, start, test_config};
 
 const VERIFY: &str = "/api/v1/auth/totp/verify/";
 const STATUS: &str = "/api/v1/auth/totp/";
@@ -389,11 +387,11 @@ async fn the_database_holds_no_secret_in_clear() {
     let db = config.data_dir.join("db");
     for secret in &secrets {
         assert!(
-            !crate::auth::dir_contains(&db, secret.as_bytes()),
+            !crate::helpers::dir_contains(&db, secret.as_bytes()),
             "base32 secret in the db"
         );
         assert!(
-            !crate::auth::dir_contains(&db, &base32_decode(secret)),
+            !crate::helpers::dir_contains(&db, &base32_decode(secret)),
             "raw secret in the db"
         );
     }
@@ -750,7 +748,7 @@ async fn recovery_codes_can_be_regenerated_with_a_code_and_the_old_set_dies() {
 /// Random bytes, random JSON and random headers against every route: never a 5xx, always JSON.
 #[tokio::test]
 async fn random_input_never_gets_a_server_error() {
-    let app = spawn_app_with(|c| c.ip_rate = NO_LIMIT).await;
+    let app = spawn_app().await;
     let key = app.user_with_key("alice").await;
     // Every route but /metrics, whose answer is Prometheus text rather than JSON.
     let routes: Vec<_> = totpd::routes::ROUTES

@@ -19,7 +19,7 @@ async fn login_without_totp_gives_a_working_key_stored_only_as_a_hash() {
     // The key itself is nowhere in the data dir.
     let (dir, _) = app.stop().await;
     assert!(
-        !dir_contains(dir.path(), key.as_bytes()),
+        !crate::helpers::dir_contains(dir.path(), key.as_bytes()),
         "plaintext key on disk"
     );
 }
@@ -46,7 +46,7 @@ async fn login_with_totp_gives_a_temp_token_and_no_key() {
     assert!(temp.len() >= 22, "at least 128 bits: {temp}");
     let (dir, _) = app.stop().await;
     assert!(
-        !dir_contains(dir.path(), temp.as_bytes()),
+        !crate::helpers::dir_contains(dir.path(), temp.as_bytes()),
         "plaintext temp token on disk"
     );
 }
@@ -279,21 +279,4 @@ async fn a_temp_token_is_not_a_login_key() {
         let response = app.post_auth(path, &temp, None).await;
         assert_error(&response, StatusCode::FORBIDDEN, "authentication_failed");
     }
-}
-
-/// Searches every file under `dir` for `needle`.
-pub fn dir_contains(dir: &std::path::Path, needle: &[u8]) -> bool {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return false;
-    };
-    entries.flatten().any(|entry| {
-        let path = entry.path();
-        if path.is_dir() {
-            dir_contains(&path, needle)
-        } else {
-            std::fs::read(&path)
-                .map(|bytes| bytes.windows(needle.len()).any(|w| w == needle))
-                .unwrap_or(false)
-        }
-    })
 }

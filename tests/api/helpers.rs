@@ -10,8 +10,6 @@ use totp_rs::Totp;
 use totpd::AppState;
 use totpd::clock::ManualClock;
 use totpd::config::Config;
-use totpd::limits::Rate;
-use totpd::password::Argon2Settings;
 use totpd::service::Ctx;
 
 /// A Unix time in the middle of a 30 s step, so ±1 step is unambiguous.
@@ -28,30 +26,9 @@ pub struct TestApp {
     server: Option<tokio::task::JoinHandle<()>>,
 }
 
-/// Cheap Argon2 so tests spend their time on behaviour, not hashing.
-pub fn cheap_argon2() -> Argon2Settings {
-    Argon2Settings {
-        memory_kib: 64,
-        iterations: 1,
-        parallelism: 1,
-    }
-}
-
-/// Limits off: tests that are about them turn them on.
-pub const NO_LIMIT: Rate = Rate {
-    per_minute: 0,
-    burst: 10,
-};
-
+/// `common::quick_config` (cheap Argon2, limits off) on a data dir inside `dir`.
 pub fn test_config(dir: &TempDir) -> Config {
-    Config {
-        data_dir: dir.path().join("data"),
-        argon2: cheap_argon2(),
-        hash_threads: 2,
-        ip_rate: NO_LIMIT,
-        login_failure_rate: NO_LIMIT,
-        ..Config::default()
-    }
+    crate::common::quick_config(dir.path().join("data"))
 }
 
 pub async fn spawn_app() -> TestApp {
@@ -321,4 +298,21 @@ pub fn raw_status(response: &str) -> u16 {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| panic!("no status line in {response:?}"))
+}
+
+/// Searches every file under `dir` for `needle`.
+pub fn dir_contains(dir: &std::path::Path, needle: &[u8]) -> bool {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return false;
+    };
+    entries.flatten().any(|entry| {
+        let path = entry.path();
+        if path.is_dir() {
+            dir_contains(&path, needle)
+        } else {
+            std::fs::read(&path)
+                .map(|bytes| bytes.windows(needle.len()).any(|w| w == needle))
+                .unwrap_or(false)
+        }
+    })
 }

@@ -2,6 +2,8 @@
 //! 127.0.0.1:0, with its own temp data dir and manual clock) or the real binary, and talks HTTP.
 //! Codes are computed by the independent `totp-rs` crate from the provisioning URI.
 
+#[path = "../common/mod.rs"]
+mod common;
 mod helpers;
 
 /// Lockouts, throttles, sealed secrets, key lifetimes, step-up, hostile input, audit trail.

@@ -337,13 +337,12 @@ async fn a_backup_under_load_restores_without_resurrecting_anything() {
 
     // Restore into a fresh data dir that has the same master key.
     let target = tempfile::tempdir().expect("tempdir");
-    let mut config = test_config(&target);
+    let config = test_config(&target);
     std::fs::create_dir_all(&config.data_dir).expect("mkdir");
     std::fs::copy(app.state.config.master_key_path(), config.master_key_path()).expect("key");
     let restored =
         totpd::backup::restore(&file, &config.data_dir, config.cache_capacity).expect("restore");
     assert_eq!(restored, written);
-    config.ip_rate = crate::helpers::NO_LIMIT;
     let copy = start(target, config).await;
     copy.clock.set(app.clock_now());
     for user in &users {

@@ -1,35 +1,20 @@
 //! The real binary: CLI behaviour, the listening line, config errors, restarts and `kill -9`.
 //! These use the real clock; codes come from totp-rs at the current time.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use totp_rs::Totp;
 
-const BIN: &str = env!("CARGO_BIN_EXE_totpd");
-
-/// A `totpd` command on `data_dir` with cheap Argon2 and no stray TOTPD_* settings.
+/// `common::totpd` with the data dir itself as the test's temp dir (the master key, the admin
+/// socket and the empty config file sit in it, beside `db/`).
 fn totpd(data_dir: &Path) -> Command {
-    let mut command = Command::new(BIN);
-    for (key, _) in std::env::vars().filter(|(k, _)| k.starts_with("TOTPD_")) {
-        command.env_remove(key);
-    }
-    command
-        .env("TOTPD_ARGON2_MEMORY_KIB", "64")
-        .env("TOTPD_ARGON2_ITERATIONS", "1")
-        .env("TOTPD_CONFIG", data_dir.join("absent-is-fine.toml"))
-        .arg("--data-dir")
-        .arg(data_dir);
-    command
-}
-
-/// Writes an empty config file so TOTPD_CONFIG points at something readable.
-fn prepare(dir: &Path) {
-    std::fs::write(dir.join("absent-is-fine.toml"), "").expect("config");
+    crate::common::totpd(data_dir, data_dir)
 }
 
 fn add_user(dir: &Path, name: &str, password: &str) -> std::process::Output {
@@ -51,6 +36,7 @@ struct Server {
     child: Child,
     base: String,
     client: reqwest::Client,
+    later_lines: Arc<Mutex<Vec<String>>>,
 }
 
 impl Server {
@@ -67,31 +53,26 @@ impl Server {
             .stdout(Stdio::piped())
             .spawn()
             .expect("spawn server");
-        let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
-        let mut line = String::new();
-        stdout.read_line(&mut line).expect("listening line");
-        let addr = line
-            .trim_end()
-            .strip_prefix("listening on ")
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-            .to_owned();
-        let _: std::net::SocketAddr = addr
+        let listening = crate::common::listening(&mut child, Duration::from_secs(30))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let _: std::net::SocketAddr = listening
+            .base
             .rsplit("://")
             .next()
             .and_then(|a| a.parse().ok())
             .expect("IP:PORT");
-        // Keep draining stdout so the server never blocks on it; it must print nothing more.
-        std::thread::spawn(move || {
-            let mut rest = String::new();
-            while stdout.read_line(&mut rest).unwrap_or(0) > 0 {
-                assert!(rest.is_empty(), "extra stdout line: {rest:?}");
-            }
-        });
         Server {
             child,
-            base: addr,
+            base: listening.base,
             client: reqwest::Client::new(),
+            later_lines: listening.later_lines,
         }
+    }
+
+    /// The listening line must be the only thing the server ever prints to stdout.
+    fn assert_printed_nothing_more(&self) {
+        let lines = self.later_lines.lock().expect("lock");
+        assert!(lines.is_empty(), "extra stdout lines: {lines:?}");
     }
 
     /// The address, without the scheme.
@@ -101,6 +82,7 @@ impl Server {
 
     /// Stops the server with SIGTERM and returns its exit status.
     fn terminate(mut self) -> std::process::ExitStatus {
+        self.assert_printed_nothing_more();
         let pid = self.child.id().to_string();
         let killed = Command::new("kill")
             .args(["-TERM", &pid])
@@ -121,6 +103,7 @@ impl Server {
     }
 
     fn kill9(mut self) {
+        self.assert_printed_nothing_more();
         self.child.kill().expect("SIGKILL");
         self.child.wait().expect("reaped");
     }
@@ -205,7 +188,6 @@ impl Drop for Server {
 #[test]
 fn user_add_refuses_duplicates_empty_names_and_short_passwords() {
     let dir = tempfile::tempdir().expect("tempdir");
-    prepare(dir.path());
     let ok = add_user(dir.path(), "alice", "password123");
     assert!(
         ok.status.success(),
@@ -250,7 +232,6 @@ fn bad_configuration_stops_the_start_with_one_line_per_problem() {
 #[tokio::test]
 async fn a_second_server_on_the_same_data_dir_says_so_in_one_line() {
     let dir = tempfile::tempdir().expect("tempdir");
-    prepare(dir.path());
     let server = Server::start(dir.path());
     let second = totpd(dir.path())
         .args(["serve", "--listen", "127.0.0.1:0"])
@@ -276,7 +257,6 @@ async fn a_second_server_on_the_same_data_dir_says_so_in_one_line() {
 #[tokio::test]
 async fn admin_commands_work_with_and_without_a_running_server() {
     let dir = tempfile::tempdir().expect("tempdir");
-    prepare(dir.path());
     let run = |args: &[&str]| {
         let out = totpd(dir.path()).args(args).output().expect("run");
         (
@@ -338,7 +318,6 @@ async fn admin_commands_work_with_and_without_a_running_server() {
 fn the_admin_socket_is_private() {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().expect("tempdir");
-    prepare(dir.path());
     let server = Server::start(dir.path());
     let socket = dir.path().join("admin.sock");
     let mode = std::fs::metadata(&socket)
@@ -354,7 +333,6 @@ fn the_admin_socket_is_private() {
 #[tokio::test]
 async fn kill_9_right_after_a_response_loses_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
-    prepare(dir.path());
     assert!(
         add_user(dir.path(), "alice", "password123")
             .status
@@ -427,7 +405,6 @@ async fn kill_9_right_after_a_response_loses_nothing() {
 #[tokio::test]
 async fn sigterm_finishes_requests_in_flight_and_exits_cleanly() {
     let dir = tempfile::tempdir().expect("tempdir");
-    prepare(dir.path());
     // Costlier Argon2 for this user, so logins queue for the one hashing thread and are still
     // in flight when the signal comes.
     let mut add = totpd(dir.path());
@@ -440,10 +417,7 @@ async fn sigterm_finishes_requests_in_flight_and_exits_cleanly() {
     writeln!(child.stdin.take().expect("stdin"), "password123").expect("write");
     assert!(child.wait().expect("wait").success());
     let mut command = totpd(dir.path());
-    command
-        .env("TOTPD_HASH_THREADS", "1")
-        .env("TOTPD_RATE_LIMIT_PER_MINUTE", "0")
-        .stderr(Stdio::null());
+    command.env("TOTPD_HASH_THREADS", "1").stderr(Stdio::null());
     let server = Server::launch(command);
     let mut logins = tokio::task::JoinSet::new();
     for _ in 0..8 {
@@ -488,7 +462,6 @@ async fn sigterm_finishes_requests_in_flight_and_exits_cleanly() {
 #[tokio::test]
 async fn healthcheck_exits_0_only_when_the_server_answers() {
     let dir = tempfile::tempdir().expect("tempdir");
-    prepare(dir.path());
     let server = Server::start(dir.path());
     let probe = |addr: &str| {
         totpd(dir.path())
@@ -515,7 +488,6 @@ async fn healthcheck_exits_0_only_when_the_server_answers() {
 #[tokio::test]
 async fn logs_have_a_line_per_request_and_no_secrets() {
     let dir = tempfile::tempdir().expect("tempdir");
-    prepare(dir.path());
     assert!(
         add_user(dir.path(), "alice", "password123")
             .status
@@ -626,7 +598,6 @@ fn data_encoding_base32_raw(secret: &str) -> String {
 #[tokio::test]
 async fn backup_while_serving_then_restore_into_an_empty_data_dir() {
     let dir = tempfile::tempdir().expect("tempdir");
-    prepare(dir.path());
     assert!(
         add_user(dir.path(), "alice", "password123")
             .status
@@ -661,7 +632,6 @@ async fn backup_while_serving_then_restore_into_an_empty_data_dir() {
     drop(server);
 
     let target = tempfile::tempdir().expect("tempdir");
-    prepare(target.path());
     let out = totpd(target.path())
         .arg("restore")
         .arg(&backup)
@@ -698,7 +668,6 @@ async fn backup_while_serving_then_restore_into_an_empty_data_dir() {
 #[tokio::test]
 async fn tls_serves_https_and_the_healthcheck_speaks_it() {
     let dir = tempfile::tempdir().expect("tempdir");
-    prepare(dir.path());
     let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()])
         .expect("certificate");
     let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
@@ -763,7 +732,6 @@ async fn tls_serves_https_and_the_healthcheck_speaks_it() {
 #[test]
 fn a_bad_certificate_stops_the_start_with_one_line() {
     let dir = tempfile::tempdir().expect("tempdir");
-    prepare(dir.path());
     let cert = dir.path().join("cert.pem");
     std::fs::write(&cert, "not a certificate").expect("write");
     let out = totpd(dir.path())
@@ -783,7 +751,6 @@ fn a_bad_certificate_stops_the_start_with_one_line() {
 #[tokio::test]
 async fn rotate_key_reseals_under_a_new_key() {
     let dir = tempfile::tempdir().expect("tempdir");
-    prepare(dir.path());
     assert!(
         add_user(dir.path(), "alice", "password123")
             .status
@@ -835,7 +802,6 @@ fn totp_now() -> u64 {
 #[tokio::test]
 async fn events_prints_the_audit_trail() {
     let dir = tempfile::tempdir().expect("tempdir");
-    prepare(dir.path());
     assert!(
         add_user(dir.path(), "alice", "password123")
             .status

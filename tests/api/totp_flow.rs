@@ -91,8 +91,8 @@ async fn activation_returns_ten_distinct_recovery_codes_once() {
     );
     let (dir, _) = app.stop().await;
     for code in &user.recovery_codes {
-        assert!(!crate::auth::dir_contains(dir.path(), code.as_bytes()));
-        assert!(!crate::auth::dir_contains(
+        assert!(!crate::helpers::dir_contains(dir.path(), code.as_bytes()));
+        assert!(!crate::helpers::dir_contains(
             dir.path(),
             code.replace('-', "").as_bytes()
         ));

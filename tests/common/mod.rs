@@ -1,0 +1,136 @@
+//! What every integration-test target needs to start totpd, in one place: the binary with a
+//! clean environment and test-speed settings, or the server in this process with the same
+//! settings. Each target includes it with `mod common;` and uses what it needs.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use totpd::clock::{Clock, ManualClock};
+use totpd::config::Config;
+use totpd::limits::Rate;
+use totpd::password::Argon2Settings;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_totpd");
+
+/// Limits off: tests that are about them turn them on.
+pub const NO_LIMIT: Rate = Rate {
+    per_minute: 0,
+    burst: 10,
+};
+
+/// Cheap Argon2 so tests spend their time on behaviour, not hashing.
+pub const CHEAP_ARGON2: Argon2Settings = Argon2Settings {
+    memory_kib: 64,
+    iterations: 1,
+    parallelism: 1,
+};
+
+/// The defaults, with cheap Argon2 and the rate limits off.
+pub fn quick_config(data_dir: PathBuf) -> Config {
+    Config {
+        data_dir,
+        argon2: CHEAP_ARGON2,
+        hash_threads: 2,
+        ip_rate: NO_LIMIT,
+        login_failure_rate: NO_LIMIT,
+        ..Config::default()
+    }
+}
+
+/// A `totpd` command on `data_dir` with the same settings as `quick_config`, no inherited
+/// `TOTPD_*` variable (an unknown one would stop the start) and an empty config file in
+/// `config_dir` (so a stray ./config.toml is not read). Logs at `warn`.
+pub fn totpd(config_dir: &Path, data_dir: &Path) -> Command {
+    let config = config_dir.join("empty.toml");
+    if !config.exists() {
+        std::fs::write(&config, "").expect("empty config file");
+    }
+    let mut command = Command::new(BIN);
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("TOTPD_") {
+            command.env_remove(key);
+        }
+    }
+    command
+        .env("TOTPD_CONFIG", config)
+        .env(
+            "TOTPD_ARGON2_MEMORY_KIB",
+            CHEAP_ARGON2.memory_kib.to_string(),
+        )
+        .env(
+            "TOTPD_ARGON2_ITERATIONS",
+            CHEAP_ARGON2.iterations.to_string(),
+        )
+        .env("TOTPD_RATE_LIMIT_PER_MINUTE", "0")
+        .env("TOTPD_RATE_LIMIT_LOGIN_FAILURES_PER_MINUTE", "0")
+        .env("TOTPD_LOG_LEVEL", "warn")
+        .arg("--data-dir")
+        .arg(data_dir);
+    command
+}
+
+/// A started server's first stdout line, and what it printed after (it should print nothing
+/// more: the caller checks).
+pub struct Listening {
+    /// `http://IP:PORT` or `https://IP:PORT`.
+    pub base: String,
+    pub later_lines: Arc<Mutex<Vec<String>>>,
+}
+
+/// Waits for `listening on <base>` on the child's piped stdout, then keeps reading the rest on
+/// a thread (so the server never blocks on a full pipe) and keeps any line it finds.
+pub fn listening(child: &mut Child, timeout: Duration) -> Result<Listening, String> {
+    let stdout = child.stdout.take().ok_or("stdout is not piped")?;
+    let later_lines = Arc::new(Mutex::new(Vec::new()));
+    let later = Arc::clone(&later_lines);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut stdout = BufReader::new(stdout);
+        let mut line = String::new();
+        let _ = stdout.read_line(&mut line);
+        let _ = tx.send(line);
+        let mut rest = String::new();
+        while stdout.read_line(&mut rest).unwrap_or(0) > 0 {
+            later.lock().expect("lock").push(std::mem::take(&mut rest));
+        }
+    });
+    let line = rx
+        .recv_timeout(timeout)
+        .map_err(|_| format!("no listening line within {timeout:?}"))?;
+    let base = line
+        .trim_end()
+        .strip_prefix("listening on ")
+        .filter(|base| base.starts_with("http://") || base.starts_with("https://"))
+        .ok_or_else(|| format!("unexpected first line {line:?}"))?
+        .to_owned();
+    Ok(Listening { base, later_lines })
+}
+
+/// The server in this process on a free port, running until the process ends: its base URL and
+/// its state (to create users directly).
+pub async fn serve_in_process(config: Config, clock: ManualClock) -> (String, totpd::AppState) {
+    let shared: Arc<dyn Clock> = Arc::new(clock);
+    let state = tokio::task::spawn_blocking(move || totpd::AppState::build(config, shared))
+        .await
+        .expect("build task")
+        .expect("state builds");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let base = format!("http://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(totpd::server::serve(
+        listener,
+        state.clone(),
+        std::future::pending::<()>(),
+    ));
+    (base, state)
+}
+
+/// A figure for the test's output: straight to stderr, which the harness shows.
+pub fn report(line: &str) {
+    let _ = writeln!(std::io::stderr().lock(), "{line}");
+}
