@@ -9,10 +9,10 @@ use std::path::{Path, PathBuf};
 
 use ipnet::IpNet;
 
-use crate::attempt::LockPolicy;
+use crate::domain::lockout::LockPolicy;
+use crate::domain::totp::MAX_SKEW;
 use crate::limits::Rate;
-use crate::password::Argon2Settings;
-use crate::totp::MAX_SKEW;
+use crate::service::password::Argon2Settings;
 
 pub const ENV_PREFIX: &str = "TOTPD_";
 /// The file read when neither `--config` nor `TOTPD_CONFIG` names one, if it exists.
@@ -66,8 +66,8 @@ pub enum LogFormat {
 
 impl Config {
     /// `hash_threads` with 0 resolved to the number of CPU cores.
-    pub fn key_lifetime(&self) -> crate::store::KeyLifetime {
-        crate::store::KeyLifetime {
+    pub fn key_lifetime(&self) -> crate::domain::keys::KeyLifetime {
+        crate::domain::keys::KeyLifetime {
             absolute: self.key_ttl,
             idle: self.key_idle_ttl,
         }
@@ -337,7 +337,7 @@ pub const KEYS: &[Key] = &[
             return Ok(());
         }
         for key in s.split(',') {
-            crate::sealing::MasterKey::parse(key)?;
+            crate::service::sealing::MasterKey::parse(key)?;
         }
         c.master_key = Some(s);
         Ok(())

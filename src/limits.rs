@@ -60,15 +60,6 @@ impl<K: Hash + Eq + Clone> Buckets<K> {
 
     /// Takes one token for `key`, or says how many seconds until one is available.
     pub fn take(&self, key: &K, now: UnixTime) -> Result<(), u64> {
-        self.apply(key, now, true)
-    }
-
-    /// Like `take` but only looks: for limits that count failures, checked before the attempt.
-    pub fn check(&self, key: &K, now: UnixTime) -> Result<(), u64> {
-        self.apply(key, now, false)
-    }
-
-    fn apply(&self, key: &K, now: UnixTime, consume: bool) -> Result<(), u64> {
         if self.rate.per_minute == 0 {
             return Ok(());
         }
@@ -81,7 +72,7 @@ impl<K: Hash + Eq + Clone> Buckets<K> {
         if bucket.tokens < 1.0 {
             return Err(self.wait(bucket));
         }
-        if consume {
+        {
             if !table.contains_key(key) && table.len() >= self.max_entries {
                 self.shed(&mut table, now);
             }
@@ -94,6 +85,19 @@ impl<K: Hash + Eq + Clone> Buckets<K> {
             );
         }
         Ok(())
+    }
+
+    /// Returns the token a `take` spent, for limits that count only failures: the token is
+    /// taken before the attempt (so parallel attempts cannot all pass a check) and given back
+    /// when the attempt succeeds.
+    pub fn give_back(&self, key: &K) {
+        if self.rate.per_minute == 0 {
+            return;
+        }
+        let mut table = self.table.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(bucket) = table.get_mut(key) {
+            bucket.tokens = (bucket.tokens + 1.0).min(f64::from(self.rate.burst));
+        }
     }
 
     /// Frees room: first the buckets that have refilled (they hold no information), then, if
@@ -183,7 +187,7 @@ mod tests {
     }
 
     #[test]
-    fn check_does_not_consume() {
+    fn a_token_given_back_can_be_taken_again_but_never_beyond_the_burst() {
         let buckets = Buckets::new(
             Rate {
                 per_minute: 30,
@@ -191,10 +195,12 @@ mod tests {
             },
             100,
         );
-        assert_eq!(buckets.check(&"a", 0), Ok(()));
-        assert_eq!(buckets.check(&"a", 0), Ok(()));
         assert_eq!(buckets.take(&"a", 0), Ok(()));
-        assert_eq!(buckets.check(&"a", 0), Err(2));
+        assert_eq!(buckets.take(&"a", 0), Err(2));
+        buckets.give_back(&"a");
+        buckets.give_back(&"a");
+        assert_eq!(buckets.take(&"a", 0), Ok(()));
+        assert_eq!(buckets.take(&"a", 0), Err(2));
     }
 
     #[test]

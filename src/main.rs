@@ -1,3 +1,3 @@
 fn main() -> std::process::ExitCode {
-    totpd::cli::run()
+    totpd::ops::cli::run()
 }

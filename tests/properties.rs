@@ -17,10 +17,10 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config as RunnerConfig, TestCaseResult, TestRunner};
 use serde_json::{Map, Value, json};
 use sha1::{Digest, Sha1};
+use totpd::domain::secrets::RecoveryCode;
+use totpd::domain::totp::{self, Code, Secret};
 use totpd::error::Error;
-use totpd::input;
-use totpd::secrets::RecoveryCode;
-use totpd::totp::{self, Code, Secret};
+use totpd::service::input;
 
 mod common;
 
@@ -707,14 +707,13 @@ async fn start_server(dir: &tempfile::TempDir) -> (String, String) {
     use totpd::clock::{Clock, ManualClock};
     let clock = ManualClock::new(1_800_000_015);
     let config = common::quick_config(dir.path().join("data"));
-    let (base, state) = common::serve_in_process(config, clock.clone()).await;
+    let (base, service) = common::serve_in_process(config, clock.clone()).await;
     let ctx = totpd::service::Ctx {
         now: clock.now(),
         ip: None,
     };
-    state
-        .service
-        .create_user("alice", "password123".to_owned(), &ctx)
+    service
+        .create_user("alice", "password123".to_owned(), "test", &ctx)
         .await
         .expect("user");
     let response = reqwest::Client::new()

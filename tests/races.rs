@@ -44,15 +44,14 @@ async fn spawn_app() -> Arc<App> {
     let mut config = common::quick_config(dir.path().join("data"));
     config.lockout.threshold = 100;
     let clock = ManualClock::new(1_800_000_015);
-    let (base, state) = common::serve_in_process(config, clock.clone()).await;
+    let (base, service) = common::serve_in_process(config, clock.clone()).await;
     let ctx = totpd::service::Ctx {
         now: clock.now(),
         ip: None,
     };
     for i in 0..USERS {
-        state
-            .service
-            .create_user(&format!("user{i}"), PASSWORD.to_owned(), &ctx)
+        service
+            .create_user(&format!("user{i}"), PASSWORD.to_owned(), "test", &ctx)
             .await
             .expect("user");
     }

@@ -140,7 +140,7 @@ async fn parallel_guesses_on_fresh_temp_tokens_cannot_outrun_the_lock() {
     let user = app.enrolled_user("alice").await;
     // As many temp tokens as a user may hold at once (a newer login evicts the oldest).
     let mut temps = Vec::new();
-    for _ in 0..totpd::store::MAX_TEMP_TOKENS {
+    for _ in 0..totpd::domain::login::MAX_TEMP_TOKENS {
         temps.push(app.temp_token("alice").await);
     }
     let mut set = JoinSet::new();
@@ -407,28 +407,30 @@ async fn a_database_copied_without_its_key_does_not_start() {
     let thief = tempfile::tempdir().expect("tempdir");
     let mut stolen = test_config(&thief);
     copy_dir(&config.data_dir.join("db"), &stolen.data_dir.join("db"));
-    let built = totpd::AppState::build(stolen.clone(), Arc::new(totpd::clock::ManualClock::new(0)));
-    let error = built.err().expect("refused").to_string();
+    let built =
+        totpd::app::Application::build(stolen.clone(), Arc::new(totpd::clock::ManualClock::new(0)))
+            .await;
+    let error = built.err().expect("refused");
     assert!(error.contains("master key is missing"), "{error}");
     assert!(!stolen.master_key_path().exists(), "no new key was made up");
     // A wrong key is refused too, naming both key ids.
-    let wrong = totpd::sealing::MasterKey::generate().expect("rng");
+    let wrong = totpd::service::sealing::MasterKey::generate().expect("rng");
     stolen.master_key = Some(wrong.to_text());
-    let error = totpd::AppState::build(stolen, Arc::new(totpd::clock::ManualClock::new(0)))
+    let error = totpd::app::Application::build(stolen, Arc::new(totpd::clock::ManualClock::new(0)))
+        .await
         .err()
-        .expect("refused")
-        .to_string();
+        .expect("refused");
     assert!(error.contains("does not match"), "{error}");
     drop(dir);
 }
 
 #[tokio::test]
 async fn a_key_from_the_environment_works_and_no_key_file_is_written() {
-    let key = totpd::sealing::MasterKey::generate().expect("rng");
+    let key = totpd::service::sealing::MasterKey::generate().expect("rng");
     let text = key.to_text();
     let app = spawn_app_with(move |c| c.master_key = Some(text)).await;
     let user = app.enrolled_user("alice").await;
-    assert!(!app.state.config.master_key_path().exists());
+    assert!(!app.config.master_key_path().exists());
     let temp = app.temp_token("alice").await;
     assert_eq!(
         app.verify(&temp, &app.code(&user.totp, 0)).await.status,
@@ -439,7 +441,7 @@ async fn a_key_from_the_environment_works_and_no_key_file_is_written() {
 #[tokio::test]
 async fn the_key_file_is_private() {
     let app = spawn_app().await;
-    let path = app.state.config.master_key_path();
+    let path = app.config.master_key_path();
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
@@ -448,14 +450,14 @@ async fn the_key_file_is_private() {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600);
-        let dir_mode = std::fs::metadata(&app.state.config.data_dir)
+        let dir_mode = std::fs::metadata(&app.config.data_dir)
             .expect("dir")
             .permissions()
             .mode();
         assert_eq!(dir_mode & 0o777, 0o700);
     }
     assert!(
-        !path.starts_with(app.state.config.data_dir.join("db")),
+        !path.starts_with(app.config.data_dir.join("db")),
         "outside the sled files"
     );
 }
@@ -751,7 +753,7 @@ async fn random_input_never_gets_a_server_error() {
     let app = spawn_app().await;
     let key = app.user_with_key("alice").await;
     // Every route but /metrics, whose answer is Prometheus text rather than JSON.
-    let routes: Vec<_> = totpd::routes::ROUTES
+    let routes: Vec<_> = totpd::http::routes::ROUTES
         .iter()
         .filter(|(_, p)| *p != "/metrics")
         .collect();
@@ -906,12 +908,7 @@ async fn security_events_are_recorded_with_user_and_address_and_no_secrets() {
     app.post_auth("/api/v1/auth/totp/deactivate/", &user.key, None)
         .await;
     app.post_auth("/api/v1/auth/logout/", &user.key, None).await;
-    let events: Vec<_> = app
-        .state
-        .store
-        .events(0)
-        .map(|e| e.expect("event"))
-        .collect();
+    let events = app.events().await;
     let seen: Vec<(&str, &str)> = events
         .iter()
         .map(|e| (e.kind.name(), e.outcome.as_str()))
@@ -958,10 +955,9 @@ async fn a_lock_is_an_event() {
     let user = app.enrolled_user("alice").await;
     fail_codes(&app, &user, 10).await;
     let locks: Vec<_> = app
-        .state
-        .store
-        .events(0)
-        .map(|e| e.expect("event"))
+        .events()
+        .await
+        .into_iter()
         .filter(|e| e.kind.name() == "lock_started")
         .collect();
     assert_eq!(locks.len(), 1);
@@ -973,21 +969,17 @@ async fn old_events_are_swept_after_the_retention() {
     let app = spawn_app_with(|c| c.audit_retention_days = 1).await;
     app.user_with_key("alice").await;
     let now = app.clock_now();
-    assert!(app.state.store.events(0).count() > 0);
-    let lifetime = app.state.config.key_lifetime();
-    app.state
-        .store
-        .sweep(now + 3600, lifetime, now)
-        .expect("sweep");
+    assert!(!app.events().await.is_empty());
+    app.service.sweep(now + 3600, 3600).await.expect("sweep");
     assert!(
-        app.state.store.events(0).count() > 0,
+        !app.events().await.is_empty(),
         "younger than the cutoff: kept"
     );
-    app.state
-        .store
-        .sweep(now + 2 * 86_400, lifetime, now + 86_400)
+    app.service
+        .sweep(now + 2 * 86_400, 86_400)
+        .await
         .expect("sweep");
-    assert_eq!(app.state.store.events(0).count(), 0);
+    assert!(app.events().await.is_empty());
 }
 
 /// Beyond `max_connections`, new connections wait in the backlog until one closes.
@@ -1027,7 +1019,7 @@ async fn temp_tokens_per_user_are_capped_oldest_first() {
     let user = app.enrolled_user("alice").await;
     let first = app.temp_token("alice").await;
     let mut rest = Vec::new();
-    for _ in 0..totpd::store::MAX_TEMP_TOKENS {
+    for _ in 0..totpd::domain::login::MAX_TEMP_TOKENS {
         rest.push(app.temp_token("alice").await);
     }
     let evicted = app.verify(&first, &app.code(&user.totp, 0)).await;

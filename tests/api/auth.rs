@@ -70,7 +70,8 @@ async fn wrong_password_and_unknown_user_get_the_same_answer() {
 /// which users exist. With real-cost Argon2 a shortcut would be ~100x faster; the bound is loose.
 #[tokio::test]
 async fn an_unknown_user_costs_as_much_as_a_wrong_password() {
-    let app = spawn_app_with(|c| c.argon2 = totpd::password::Argon2Settings::default()).await;
+    let app =
+        spawn_app_with(|c| c.argon2 = totpd::service::password::Argon2Settings::default()).await;
     app.create_user("alice", "password123").await;
     let mut known = Vec::new();
     let mut unknown = Vec::new();

@@ -7,10 +7,11 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 use tempfile::TempDir;
 use totp_rs::Totp;
-use totpd::AppState;
+use totpd::app::Application;
 use totpd::clock::ManualClock;
 use totpd::config::Config;
-use totpd::service::Ctx;
+use totpd::domain::audit::AuditEvent;
+use totpd::service::{Ctx, Service};
 
 /// A Unix time in the middle of a 30 s step, so ±1 step is unambiguous.
 pub const START: u64 = 1_800_000_015;
@@ -20,10 +21,11 @@ pub struct TestApp {
     pub addr: std::net::SocketAddr,
     pub client: reqwest::Client,
     pub clock: ManualClock,
-    pub state: AppState,
+    pub service: Arc<Service>,
+    pub config: Config,
     pub dir: TempDir,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
-    server: Option<tokio::task::JoinHandle<()>>,
+    server: Option<tokio::task::JoinHandle<Result<(), String>>>,
 }
 
 /// `common::quick_config` (cheap Argon2, limits off) on a data dir inside `dir`.
@@ -46,16 +48,13 @@ pub async fn spawn_app_with(edit: impl FnOnce(&mut Config)) -> TestApp {
 pub async fn start(dir: TempDir, config: Config) -> TestApp {
     let clock = ManualClock::new(START);
     let shared: Arc<dyn totpd::clock::Clock> = Arc::new(clock.clone());
-    let state = tokio::task::spawn_blocking(move || AppState::build(config, shared))
+    let app = Application::build(config, shared)
         .await
-        .expect("build task")
-        .expect("state builds");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
+        .expect("the application builds");
+    let addr = app.local_addr();
+    let (service, config) = (app.service(), app.config().clone());
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(totpd::server::serve(listener, state.clone(), async {
+    let server = tokio::spawn(app.run_until_stopped(async {
         let _ = rx.await;
     }));
     TestApp {
@@ -63,7 +62,8 @@ pub async fn start(dir: TempDir, config: Config) -> TestApp {
         addr,
         client: reqwest::Client::new(),
         clock,
-        state,
+        service,
+        config,
         dir,
         shutdown: Some(tx),
         server: Some(server),
@@ -83,11 +83,14 @@ impl TestApp {
             let _ = tx.send(());
         }
         if let Some(server) = self.server.take() {
-            server.await.expect("server task");
+            server.await.expect("server task").expect("stopped cleanly");
         }
-        let config = (*self.state.config).clone();
-        self.state.store.flush_now().expect("flush");
-        (self.dir, config)
+        (self.dir, self.config.clone())
+    }
+
+    /// The audit trail, oldest first.
+    pub async fn events(&self) -> Vec<AuditEvent> {
+        self.service.audit_trail(0, None).await.expect("events")
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -136,11 +139,11 @@ impl TestApp {
     }
 
     pub async fn create_user(&self, username: &str, password: &str) {
-        self.state
-            .service
+        self.service
             .create_user(
                 username,
                 password.to_owned(),
+                "ok",
                 &Ctx {
                     now: self.clock_now(),
                     ip: None,

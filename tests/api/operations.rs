@@ -8,7 +8,7 @@ use tokio::task::JoinSet;
 use crate::helpers::{assert_error, spawn_app, spawn_app_with, start, test_config};
 
 fn served_document() -> Value {
-    serde_json::from_str(totpd::handlers::OPENAPI).expect("the OpenAPI document is JSON")
+    serde_json::from_str(totpd::http::handlers::OPENAPI).expect("the OpenAPI document is JSON")
 }
 
 fn seed_document() -> Value {
@@ -61,7 +61,7 @@ fn every_route_the_server_has_is_documented_and_nothing_else() {
                 .map(move |method| (method.to_uppercase(), path.clone()))
         })
         .collect();
-    let served: BTreeSet<(String, String)> = totpd::routes::ROUTES
+    let served: BTreeSet<(String, String)> = totpd::http::routes::ROUTES
         .iter()
         .map(|(m, p)| ((*m).to_owned(), (*p).to_owned()))
         .collect();
@@ -324,11 +324,8 @@ async fn a_backup_under_load_restores_without_resurrecting_anything() {
         }
     }
     let file = app.dir.path().join("backup.totpd");
-    let store = Arc::clone(&app.state.store);
-    let backup_path = file.clone();
-    let written = tokio::task::spawn_blocking(move || totpd::backup::write(&store, &backup_path))
+    let written = totpd::ops::backup::write(&app.service, &file)
         .await
-        .expect("task")
         .expect("backup");
     while let Some(status) = load.join_next().await {
         assert_eq!(status.expect("task"), StatusCode::OK);
@@ -339,9 +336,10 @@ async fn a_backup_under_load_restores_without_resurrecting_anything() {
     let target = tempfile::tempdir().expect("tempdir");
     let config = test_config(&target);
     std::fs::create_dir_all(&config.data_dir).expect("mkdir");
-    std::fs::copy(app.state.config.master_key_path(), config.master_key_path()).expect("key");
-    let restored =
-        totpd::backup::restore(&file, &config.data_dir, config.cache_capacity).expect("restore");
+    std::fs::copy(app.config.master_key_path(), config.master_key_path()).expect("key");
+    let restored = totpd::ops::backup::restore(&file, &totpd::app::store_config(&config))
+        .await
+        .expect("restore");
     assert_eq!(restored, written);
     let copy = start(target, config).await;
     copy.clock.set(app.clock_now());

@@ -12,7 +12,7 @@ use std::time::Duration;
 use totpd::clock::{Clock, ManualClock};
 use totpd::config::Config;
 use totpd::limits::Rate;
-use totpd::password::Argon2Settings;
+use totpd::service::password::Argon2Settings;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_totpd");
 
@@ -32,6 +32,7 @@ pub const CHEAP_ARGON2: Argon2Settings = Argon2Settings {
 /// The defaults, with cheap Argon2 and the rate limits off.
 pub fn quick_config(data_dir: PathBuf) -> Config {
     Config {
+        listen: ([127, 0, 0, 1], 0).into(),
         data_dir,
         argon2: CHEAP_ARGON2,
         hash_threads: 2,
@@ -111,23 +112,19 @@ pub fn listening(child: &mut Child, timeout: Duration) -> Result<Listening, Stri
 }
 
 /// The server in this process on a free port, running until the process ends: its base URL and
-/// its state (to create users directly).
-pub async fn serve_in_process(config: Config, clock: ManualClock) -> (String, totpd::AppState) {
+/// its service (to create users directly).
+pub async fn serve_in_process(
+    config: Config,
+    clock: ManualClock,
+) -> (String, Arc<totpd::service::Service>) {
     let shared: Arc<dyn Clock> = Arc::new(clock);
-    let state = tokio::task::spawn_blocking(move || totpd::AppState::build(config, shared))
+    let app = totpd::app::Application::build(config, shared)
         .await
-        .expect("build task")
-        .expect("state builds");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let base = format!("http://{}", listener.local_addr().expect("addr"));
-    tokio::spawn(totpd::server::serve(
-        listener,
-        state.clone(),
-        std::future::pending::<()>(),
-    ));
-    (base, state)
+        .expect("the application builds");
+    let base = format!("http://{}", app.local_addr());
+    let service = app.service();
+    tokio::spawn(app.run_until_stopped(std::future::pending::<()>()));
+    (base, service)
 }
 
 /// A figure for the test's output: straight to stderr, which the harness shows.

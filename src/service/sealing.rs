@@ -11,11 +11,10 @@ use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{Key, XChaCha20Poly1305, XNonce};
 use data_encoding::{BASE64, HEXLOWER};
 
-use crate::config::Config;
-use crate::models::{StoredSecret, UserId};
-use crate::secrets::{RngError, random_bytes};
+use crate::domain::secrets::{RngError, random_bytes};
+use crate::domain::totp::Secret;
+use crate::domain::user::{StoredSecret, UserId};
 use crate::store::Store;
-use crate::totp::Secret;
 
 pub type KeyId = [u8; 8];
 
@@ -195,10 +194,15 @@ pub enum KeySource {
 /// The keyring for this data dir: `master_key` (TOTPD_MASTER_KEY) if set, else the key file —
 /// created, mode 0600, only when the store has never sealed anything. The store's check record
 /// must open with it: a wrong or missing key stops the start instead of producing garbage codes.
-pub fn establish(config: &Config, store: &Store) -> Result<(Keyring, KeySource), String> {
-    let check = store.master_key_check().map_err(|e| e.to_string())?;
-    let path = config.master_key_path();
-    let (ring, source) = if let Some(text) = &config.master_key {
+/// `master_key` is the configured key text (`TOTPD_MASTER_KEY`), `path` the key file's place.
+pub async fn establish(
+    master_key: Option<&str>,
+    path: &Path,
+    store: &dyn Store,
+) -> Result<(Keyring, KeySource), String> {
+    let check = store.master_key_check().await.map_err(|e| e.to_string())?;
+    let path = path.to_path_buf();
+    let (ring, source) = if let Some(text) = master_key {
         let keys = text
             .split(',')
             .map(MasterKey::parse)
@@ -237,20 +241,20 @@ pub fn establish(config: &Config, store: &Store) -> Result<(Keyring, KeySource),
                 ));
             }
         },
-        None => write_check(&ring, store)?,
+        None => write_check(&ring, store).await?,
     }
     Ok((ring, source))
 }
 
 /// Records which key seals this data dir (done again after a rotation).
-pub fn write_check(ring: &Keyring, store: &Store) -> Result<(), String> {
+pub async fn write_check(ring: &Keyring, store: &dyn Store) -> Result<(), String> {
     let check = ring
         .seal(CHECK_USER, &Secret::from_bytes(CHECK_PLAINTEXT.to_vec()))
         .map_err(|e| e.to_string())?;
     store
         .set_master_key_check(&check)
-        .map_err(|e| e.to_string())?;
-    store.flush_now().map_err(|e| e.to_string())
+        .await
+        .map_err(|e| e.to_string())
 }
 
 /// Reads a key file: one base64 key per line (comments with `#`), the last one current.

@@ -10,13 +10,10 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
-use crate::AppState;
-use crate::admin::{self, Admin, AdminRequest};
+use super::admin::{self, AdminRequest};
+use crate::app::{self, Application};
 use crate::clock::{Clock, SystemClock, UnixTime};
 use crate::config::{Config, Flags, LogFormat};
-use crate::password::PasswordHasher;
-use crate::sealing::{self, KeySource, Keyring, MasterKey, key_id_hex};
-use crate::store::{OpenError, Store};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -173,20 +170,27 @@ fn execute(command: Option<Command>, config: &Config) -> Result<(), String> {
     Ok(())
 }
 
+/// A runtime for the commands: multi-threaded, as the server's.
+fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))
+}
+
 /// Runs `request` on the data dir: directly when no server holds it, else through the server.
 fn administer(config: &Config, request: AdminRequest, now: UnixTime) -> Result<String, String> {
-    match Store::open(&config.data_dir, config.cache_capacity) {
-        Ok(store) => {
-            let hasher = PasswordHasher::new(config.argon2, 1).map_err(|e| e.to_string())?;
-            Admin {
-                store: &store,
-                hasher: &hasher,
+    runtime()?.block_on(async {
+        match app::open_offline(config).await {
+            Ok(service) => {
+                let result = admin::execute(&service, request, now).await;
+                service.close().await.map_err(|e| e.to_string())?;
+                result
             }
-            .execute(request, now)
+            Err(None) => admin::call(&admin::socket_path(&config.data_dir), &request),
+            Err(Some(e)) => Err(e),
         }
-        Err(OpenError::Locked(_)) => admin::call(&admin::socket_path(&config.data_dir), &request),
-        Err(e) => Err(e.to_string()),
-    }
+    })
 }
 
 /// The server writes backups, so a relative path must be made absolute here.
@@ -224,37 +228,16 @@ fn init_logging(config: &Config) {
 
 fn serve(config: Config) -> Result<(), String> {
     init_logging(&config);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| format!("cannot start the runtime: {e}"))?;
-    let listen = config.listen;
-    // Checked before anything is created in the data dir.
-    let tls = crate::tls::acceptor(&config)?;
-    let state = AppState::build(config, Arc::new(SystemClock)).map_err(|e| e.to_string())?;
-    runtime.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(listen)
-            .await
-            .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
-        #[cfg(unix)]
-        let admin = Some(admin::bind_socket(&state.config.data_dir)?);
-        #[cfg(not(unix))]
-        let admin = None;
-        let addr = listener
-            .local_addr()
-            .map_err(|e| format!("cannot read the bound address: {e}"))?;
+    runtime()?.block_on(async move {
+        let data_dir = config.data_dir.clone();
+        let app = Application::build(config, Arc::new(SystemClock)).await?;
         let shutdown = shutdown_signal()?;
-        let scheme = if tls.is_some() { "https" } else { "http" };
+        let addr = app.local_addr();
         let mut stdout = std::io::stdout();
-        let _ = writeln!(stdout, "listening on {scheme}://{addr}");
+        let _ = writeln!(stdout, "listening on {}://{addr}", app.scheme());
         let _ = stdout.flush();
-        tracing::info!(%addr, data_dir = %state.config.data_dir.display(), "serving");
-        crate::server::serve_with(listener, tls, admin, state.clone(), shutdown).await;
-        tracing::info!("shutting down: flushing the store");
-        state
-            .store
-            .flush_now()
-            .map_err(|e| format!("final flush failed: {e}"))
+        tracing::info!(%addr, data_dir = %data_dir.display(), "serving");
+        app.run_until_stopped(shutdown).await
     })
 }
 
@@ -284,7 +267,7 @@ fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>, String> {
 }
 
 fn restore(config: &Config, file: &Path) -> Result<(), String> {
-    let count = crate::backup::restore(file, &config.data_dir, config.cache_capacity)?;
+    let count = runtime()?.block_on(super::backup::restore(file, &app::store_config(config)))?;
     println!(
         "restored {count} records into {}; the master key that sealed them must be in place \
          before the server starts",
@@ -295,7 +278,7 @@ fn restore(config: &Config, file: &Path) -> Result<(), String> {
 
 /// GET /healthz on the configured address over plain HTTP (or TLS when configured).
 fn healthcheck(config: &Config) -> Result<(), String> {
-    let status = crate::tls::probe_health(config, Duration::from_secs(3))?;
+    let status = crate::http::tls::probe_health(config, Duration::from_secs(3))?;
     if status == 200 {
         Ok(())
     } else {
@@ -303,52 +286,10 @@ fn healthcheck(config: &Config) -> Result<(), String> {
     }
 }
 
-/// Re-seals every secret under a new key. With a key file: appends a new key, re-seals, then
-/// drops the old key (a crash in between leaves both keys in the file, and a rerun finishes).
-/// With `TOTPD_MASTER_KEY`: re-seals under its last key, so rotation is `old,new` then `new`.
+/// Re-seals every secret under a new master key (see `app::rotate_master_key`).
 fn rotate_key(config: &Config) -> Result<(), String> {
-    let store = match Store::open(&config.data_dir, config.cache_capacity) {
-        Err(OpenError::Locked(path)) => {
-            return Err(format!(
-                "the data dir {} is in use by a running server: stop it to rotate the key",
-                path.display()
-            ));
-        }
-        other => other.map_err(|e| e.to_string())?,
-    };
-    let (ring, source) = sealing::establish(config, &store)?;
-    let ring = match &source {
-        KeySource::Environment => ring,
-        KeySource::File(path) => {
-            let mut keys = ring.keys().to_vec();
-            keys.push(MasterKey::generate().map_err(|e| e.to_string())?);
-            sealing::write_key_file(path, &keys)
-                .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-            Keyring::new(keys).ok_or("no key")?
-        }
-    };
-    let changed = store
-        .reseal_all(|user_id, stored| {
-            if ring.is_current(stored) {
-                return Ok(None);
-            }
-            let secret = ring.open(user_id, stored)?;
-            ring.seal(user_id, &secret).map(Some)
-        })
-        .map_err(|e| e.to_string())?
-        .map_err(|e| format!("cannot re-seal: {e}"))?;
-    sealing::write_check(&ring, &store)?;
-    if let KeySource::File(path) = &source {
-        sealing::write_key_file(path, std::slice::from_ref(ring.current()))
-            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-    }
-    println!(
-        "re-sealed {changed} secrets under master key {}",
-        key_id_hex(&ring.current().id())
-    );
-    if source == KeySource::Environment && ring.keys().len() > 1 {
-        println!("now set TOTPD_MASTER_KEY to the last key alone");
-    }
+    let out = runtime()?.block_on(app::rotate_master_key(config))?;
+    print!("{out}");
     Ok(())
 }
 
@@ -372,7 +313,7 @@ fn parse_since(text: &str, now: UnixTime) -> Result<UnixTime, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::models::EventKind;
+    use crate::domain::audit::EventKind;
 
     #[test]
     fn since_accepts_three_forms() {

@@ -1,15 +1,21 @@
-//! The backup file: every record of every tree, with a checksum, written while the server keeps
-//! serving and restored into an empty data dir. The master key is not in it: back it up apart.
+//! The backup file: a consistent snapshot of every record (users, keys, audit events, and the
+//! store's own `meta` records: the master-key check and the next user id), with a checksum,
+//! written while the server keeps serving and restored, all or nothing, into an empty data dir.
+//! The master key is not in it: back it up apart.
 //!
-//! Format: `TOTPD-BACKUP\n` and a version byte; records `1, name len (u16), name, key len
+//! Format: `TOTPD-BACKUP\n` and a version byte; records `1, kind len (u16), kind, key len
 //! (u32), key, value len (u32), value`; a trailer `0, record count (u64), BLAKE3 of every byte
-//! before the trailer`. Integers are big-endian.
+//! before the trailer`. Integers are big-endian. Files written by totpd 0.1 (which also carry
+//! the `usernames` and `temp_tokens` indexes, and an unnamed `meta` kind) restore too.
 
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::Path;
 
-use crate::store::Store;
+use tokio::sync::mpsc;
+
+use crate::service::Service;
+use crate::store::{self, BackupRecord, StoreConfig};
 
 const MAGIC: &[u8] = b"TOTPD-BACKUP\n";
 const VERSION: u8 = 1;
@@ -32,9 +38,24 @@ impl<W: Write> Write for Hashing<W> {
     }
 }
 
-/// Writes a backup of `store` to `path` (mode 0600, via a temp file and a rename); returns the
-/// number of records.
-pub fn write(store: &Store, path: &Path) -> Result<u64, String> {
+/// Writes a backup to `path` (mode 0600, via a temp file and a rename) from the service's
+/// snapshot; returns the number of records.
+pub async fn write(service: &Service, path: &Path) -> Result<u64, String> {
+    let (sink, records) = mpsc::channel::<BackupRecord>(1024);
+    let target = path.to_path_buf();
+    let writer = tokio::task::spawn_blocking(move || write_file(&target, records));
+    let exported = service.export(sink).await;
+    let written = writer.await.map_err(|e| e.to_string())??;
+    let exported = exported.map_err(|e| format!("backup failed: {}", e.code()))?;
+    if written != exported {
+        return Err(format!(
+            "backup incomplete: {written} of {exported} records written"
+        ));
+    }
+    Ok(written)
+}
+
+fn write_file(path: &Path, mut records: mpsc::Receiver<BackupRecord>) -> Result<u64, String> {
     let tmp = path.with_extension("partial");
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create(true).truncate(true);
@@ -50,18 +71,20 @@ pub fn write(store: &Store, path: &Path) -> Result<u64, String> {
     let io = |e: std::io::Error| format!("cannot write {}: {e}", tmp.display());
     out.write_all(MAGIC).map_err(io)?;
     out.write_all(&[VERSION]).map_err(io)?;
-    let count = store
-        .for_each_record(|tree, key, value| {
-            out.write_all(&[1])?;
-            out.write_all(&(tree.len() as u16).to_be_bytes())?;
-            out.write_all(tree.as_bytes())?;
-            out.write_all(&(key.len() as u32).to_be_bytes())?;
-            out.write_all(key)?;
-            out.write_all(&(value.len() as u32).to_be_bytes())?;
-            out.write_all(value)
-        })
-        .map_err(|e| e.to_string())?
-        .map_err(io)?;
+    let mut count = 0u64;
+    while let Some(record) = records.blocking_recv() {
+        out.write_all(&[1]).map_err(io)?;
+        out.write_all(&(record.kind.len() as u16).to_be_bytes())
+            .map_err(io)?;
+        out.write_all(record.kind.as_bytes()).map_err(io)?;
+        out.write_all(&(record.key.len() as u32).to_be_bytes())
+            .map_err(io)?;
+        out.write_all(&record.key).map_err(io)?;
+        out.write_all(&(record.value.len() as u32).to_be_bytes())
+            .map_err(io)?;
+        out.write_all(&record.value).map_err(io)?;
+        count += 1;
+    }
     let digest = out.hasher.finalize();
     let mut inner = out.inner;
     inner.write_all(&[0]).map_err(io)?;
@@ -153,66 +176,36 @@ fn read(path: &Path, mut each: impl FnMut(Record) -> Result<(), String>) -> Resu
     Ok(count)
 }
 
-/// Restores `path` into `data_dir`, which must hold no database yet. The file is checked in
-/// full before anything is written.
-pub fn restore(path: &Path, data_dir: &Path, cache_capacity: u64) -> Result<u64, String> {
-    read(path, |_| Ok(()))?;
-    if data_dir.join("db").exists() {
+/// Restores `path` into the (empty) store of `config`. The file is checked in full before
+/// anything is written, and the store is moved into place only once complete.
+pub async fn restore(path: &Path, config: &StoreConfig) -> Result<u64, String> {
+    let file = path.to_path_buf();
+    let expected = tokio::task::spawn_blocking(move || read(&file, |_| Ok(())))
+        .await
+        .map_err(|e| e.to_string())??;
+    if store::exists(&config.data_dir) {
         return Err(format!(
             "{} already holds a database: restore needs an empty data dir",
-            data_dir.display()
+            config.data_dir.display()
         ));
     }
-    let store = Store::open(data_dir, cache_capacity).map_err(|e| e.to_string())?;
-    let count = read(path, |record| {
-        match store.restore_record(&record.tree, &record.key, &record.value) {
-            Ok(true) => Ok(()),
-            Ok(false) => Err(format!(
-                "the backup names an unknown tree {:?}",
-                record.tree
-            )),
-            Err(e) => Err(e.to_string()),
-        }
-    })?;
-    store.flush_now().map_err(|e| e.to_string())?;
-    Ok(count)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_backup_restores_every_record_and_a_damaged_one_is_refused() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::open(&dir.path().join("a"), 1 << 20).expect("open");
-        for i in 0..50 {
-            store
-                .create_user(&format!("user{i}"), "$argon2id$dummy", 1)
-                .expect("store")
-                .expect("new");
-        }
-        let file = dir.path().join("backup.bin");
-        let written = write(&store, &file).expect("backup");
-        assert!(written >= 100);
-        let restored = restore(&file, &dir.path().join("b"), 1 << 20).expect("restore");
-        assert_eq!(restored, written);
-        let copy = Store::open(&dir.path().join("b"), 1 << 20).expect("open copy");
-        copy.recount().expect("count");
-        assert_eq!(copy.counts(), Some((50, 0)));
-        assert!(copy.user_by_name("user49").expect("read").is_some());
-
-        // Into a data dir that already has a database: refused.
-        let again = restore(&file, &dir.path().join("b"), 1 << 20);
-        assert!(again.err().is_some_and(|e| e.contains("empty data dir")));
-
-        // One flipped byte: refused before anything is written.
-        let mut bytes = std::fs::read(&file).expect("read");
-        let middle = bytes.len() / 2;
-        bytes[middle] ^= 0x40;
-        std::fs::write(&file, &bytes).expect("write");
-        let damaged = restore(&file, &dir.path().join("c"), 1 << 20);
-        assert!(damaged.is_err());
-        assert!(!dir.path().join("c").join("db").exists());
+    let (sink, records) = mpsc::channel::<BackupRecord>(1024);
+    let file = path.to_path_buf();
+    let reader = tokio::task::spawn_blocking(move || {
+        read(&file, |record| {
+            sink.blocking_send(BackupRecord {
+                kind: record.tree,
+                key: record.key,
+                value: record.value,
+            })
+            .map_err(|_| "the restore stopped".to_owned())
+        })
+    });
+    let restored = store::restore(config, records, expected).await;
+    let read = reader.await.map_err(|e| e.to_string())??;
+    let restored = restored?;
+    if read != restored {
+        return Err(format!("restore incomplete: {restored} of {read} records"));
     }
+    Ok(restored)
 }

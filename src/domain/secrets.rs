@@ -6,7 +6,7 @@ use data_encoding::{BASE64URL_NOPAD, Encoding, HEXLOWER, Specification};
 use rand::TryRngCore;
 use rand::rngs::OsRng;
 
-use crate::models::Digest;
+use crate::domain::user::Digest;
 
 /// How many recovery codes activation hands out.
 pub const RECOVERY_CODE_COUNT: usize = 10;

@@ -2,8 +2,7 @@
 //! connection limit, so totpd drives hyper itself: a header-read timeout (which also closes idle
 //! keep-alive connections), a cap on open connections, optional TLS, graceful shutdown that
 //! finishes requests in flight, and one layer every request passes through — it gets a request
-//! id (`X-Request-Id`), is counted in the metrics and logged in one line. The admin socket and
-//! the sweeper of expired records run beside it.
+//! id (`X-Request-Id`), its client address, is counted in the metrics and logged in one line.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -17,42 +16,29 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
+use warp::Filter;
 use warp::http::HeaderValue;
 
-use crate::AppState;
-use crate::routes::route_label;
-
-/// The peer address of the connection a request came on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ClientAddr(pub SocketAddr);
+use super::SharedState;
+use super::filters::ClientAddr;
+use super::routes::route_label;
+use crate::limits::client_ip;
 
 /// How long shutdown waits for requests in flight before it gives up on them.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
 /// Largest request head (request line and headers) accepted; beyond it hyper answers 431.
 const MAX_HEADER_BYTES: usize = 16 * 1024;
 
-/// Serves `state` over plain HTTP on `listener` until `shutdown` resolves.
-pub async fn serve(listener: TcpListener, state: AppState, shutdown: impl Future<Output = ()>) {
-    serve_with(listener, None, None, state, shutdown).await;
-}
-
-/// The admin socket's listener, where the platform has Unix sockets.
-#[cfg(unix)]
-pub type AdminListener = tokio::net::UnixListener;
-#[cfg(not(unix))]
-pub type AdminListener = std::convert::Infallible;
-
-/// Serves `state` on `listener` (over TLS when `tls` is given, with the admin socket when
-/// `admin` is given) until `shutdown` resolves, then stops accepting, lets requests in flight
-/// finish (up to a deadline) and returns.
-pub async fn serve_with(
+/// Serves `state` on `listener` (over TLS when `tls` is given) until `shutdown` resolves, then
+/// stops accepting, lets requests in flight finish (up to a deadline) and returns.
+pub async fn serve(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
-    admin: Option<AdminListener>,
-    state: AppState,
+    state: SharedState,
     shutdown: impl Future<Output = ()>,
 ) {
-    let routes = warp::service(crate::routes::routes(state.clone()));
+    // The filter tree is built once and shared: a request clones one `Arc`.
+    let routes = warp::service(super::routes::routes(&state).boxed());
     let permits = Arc::new(Semaphore::new(state.config.max_connections));
     let graceful = GracefulShutdown::new();
     let header_timeout = Duration::from_secs(state.config.header_read_timeout);
@@ -62,19 +48,6 @@ pub async fn serve_with(
         .max_header_size(MAX_HEADER_BYTES)
         .max_buf_size(64 * 1024)
         .keep_alive(true);
-    let sweeper = tokio::spawn(sweep_expired(state.clone()));
-    // The user counts for /metrics: a full scan, so in the background (start-up stays fast).
-    let store = Arc::clone(&state.store);
-    tokio::task::spawn_blocking(move || {
-        if let Err(e) = store.recount() {
-            tracing::warn!(error = %e, "counting users failed");
-        }
-    });
-    #[cfg(unix)]
-    let admin =
-        admin.map(|listener| tokio::spawn(crate::admin::serve_socket(listener, state.clone())));
-    #[cfg(not(unix))]
-    let _ = admin;
     let mut shutdown = std::pin::pin!(shutdown);
 
     loop {
@@ -97,9 +70,9 @@ pub async fn serve_with(
         };
         let _ = stream.set_nodelay(true);
         let routes = routes.clone();
-        let state = state.clone();
+        let state = SharedState::clone(&state);
         let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
-            handle(routes.clone(), state.clone(), peer, request)
+            handle(routes.clone(), SharedState::clone(&state), peer, request)
         });
         let http = http.clone();
         let watcher = graceful.watcher();
@@ -129,12 +102,6 @@ pub async fn serve_with(
     }
 
     drop(listener);
-    sweeper.abort();
-    #[cfg(unix)]
-    if let Some(admin) = admin {
-        admin.abort();
-        let _ = std::fs::remove_file(crate::admin::socket_path(&state.config.data_dir));
-    }
     if tokio::time::timeout(DRAIN_DEADLINE, graceful.shutdown())
         .await
         .is_err()
@@ -152,7 +119,7 @@ fn finish(result: Result<(), hyper::Error>, peer: SocketAddr) {
 /// The layer every request passes through: request id, routes, metrics, one log line.
 async fn handle<S>(
     mut routes: S,
-    state: AppState,
+    state: SharedState,
     peer: SocketAddr,
     mut request: hyper::Request<Incoming>,
 ) -> Result<warp::reply::Response, Infallible>
@@ -167,7 +134,14 @@ where
     let id = format!("{:016x}", rand::random::<u64>());
     let method = request.method().clone();
     let route = route_label(request.uri().path());
-    request.extensions_mut().insert(ClientAddr(peer));
+    let forwarded: Vec<&str> = request
+        .headers()
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    let ip = client_ip(Some(peer), &forwarded, &state.config.trusted_proxies);
+    request.extensions_mut().insert(ClientAddr { peer, ip });
     let mut response = routes.call(request).await?;
     if let Ok(value) = HeaderValue::from_str(&id) {
         response.headers_mut().insert("x-request-id", value);
@@ -185,33 +159,4 @@ where
         "request"
     );
     Ok(response)
-}
-
-/// Once a minute, deletes expired temp tokens and keys and audit events past their retention,
-/// so abandoned logins and old sessions do not pile up; once an hour, recounts the users.
-async fn sweep_expired(state: AppState) {
-    let mut tick = tokio::time::interval(Duration::from_secs(60));
-    let mut minutes = 0u64;
-    loop {
-        tick.tick().await;
-        minutes += 1;
-        let now = state.clock.now();
-        let store = Arc::clone(&state.store);
-        let lifetime = state.config.key_lifetime();
-        let cutoff = now.saturating_sub(state.config.audit_retention_days * 24 * 60 * 60);
-        let recount = minutes % 60 == 0;
-        let work = move || {
-            let removed = store.sweep(now, lifetime, cutoff)?;
-            if recount {
-                store.recount()?;
-            }
-            Ok::<_, crate::store::StoreError>(removed)
-        };
-        match tokio::task::spawn_blocking(work).await {
-            Ok(Ok(0)) => {}
-            Ok(Ok(n)) => tracing::debug!(removed = n, "expired records swept"),
-            Ok(Err(e)) => tracing::warn!(error = %e, "sweeping expired records failed"),
-            Err(e) => tracing::warn!(error = %e, "the sweeper task failed"),
-        }
-    }
 }

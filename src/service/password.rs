@@ -9,7 +9,7 @@ use argon2::password_hash::{PasswordHash, PasswordHasher as _, PasswordVerifier,
 use argon2::{Algorithm, Argon2, Params, Version};
 use tokio::sync::Semaphore;
 
-use crate::secrets::{RngError, random_bytes};
+use crate::domain::secrets::{RngError, random_bytes};
 
 /// Passwords longer than this are refused before hashing (hashing cost is linear in length).
 pub const MAX_PASSWORD_BYTES: usize = 1024;
