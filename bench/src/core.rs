@@ -12,7 +12,7 @@ use criterion::Criterion;
 use sha1::Sha1;
 use subtle::ConstantTimeEq;
 use totp_rs::{Algorithm, Builder};
-use totpd::totp::{self, Code, DIGITS, PERIOD, Secret};
+use totpd::domain::totp::{self, Code, DIGITS, PERIOD, Secret};
 
 /// Median nanoseconds per verification.
 #[derive(Debug, Clone, Copy)]
@@ -140,7 +140,7 @@ fn totpd_verify(secret: &Secret, typed: &str, now: u64) -> Option<u64> {
 }
 
 pub fn run(dir: &Path, quick: bool) -> Result<CoreResult, String> {
-    let bytes = totpd::secrets::random_bytes::<{ totp::SECRET_LEN }>()
+    let bytes = totpd::domain::secrets::random_bytes::<{ totp::SECRET_LEN }>()
         .map_err(|e| e.to_string())?
         .to_vec();
     let secret = Secret::from_bytes(bytes.clone());
@@ -167,7 +167,7 @@ pub fn run(dir: &Path, quick: bool) -> Result<CoreResult, String> {
     // The three must agree before their speed means anything: on every step of the window
     // and around it, for many secrets.
     for i in 0..300u64 {
-        let bytes = totpd::secrets::random_bytes::<{ totp::SECRET_LEN }>()
+        let bytes = totpd::domain::secrets::random_bytes::<{ totp::SECRET_LEN }>()
             .map_err(|e| e.to_string())?
             .to_vec();
         let secret = Secret::from_bytes(bytes.clone());

@@ -3,7 +3,7 @@
 //! a constant-answer baseline route measured in the same run on the same server. See
 //! BENCHMARKS.md for what it measures and the latest figures.
 //!
-//! Run it with `cargo run --release --features bench --bin totpd-bench -- --quick` (about two
+//! Run it with `cargo run --release -p totpd-bench -- --quick` (about two
 //! minutes) or without `--quick` (under ten). Nothing in `cargo test` depends on it.
 
 mod core;
@@ -18,7 +18,7 @@ use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use totpd::password::Argon2Settings;
+use totpd::service::password::Argon2Settings;
 
 use crate::load::Timing;
 use crate::report::{CONCURRENCY, Memory, Results, Row, ScalePoint};
@@ -177,7 +177,15 @@ fn server_binary(args: &Args) -> Result<(PathBuf, String), String> {
         eprintln!("building totpd (profile {profile}, --features bench) with cargo …");
         let status = Command::new(cargo)
             .current_dir(manifest)
-            .args(["build", "--features", "bench", "--bin", "totpd"])
+            .args([
+                "build",
+                "-p",
+                "totpd",
+                "--features",
+                "bench",
+                "--bin",
+                "totpd",
+            ])
             .args(&flags)
             .arg("--target-dir")
             .arg(target_dir)
@@ -198,7 +206,8 @@ fn server_binary(args: &Args) -> Result<(PathBuf, String), String> {
 
 /// Median seconds of one Argon2 run with `settings` on this machine.
 fn argon2_seconds(settings: Argon2Settings) -> Result<f64, String> {
-    let hasher = totpd::password::PasswordHasher::new(settings, 1).map_err(|e| e.to_string())?;
+    let hasher =
+        totpd::service::password::PasswordHasher::new(settings, 1).map_err(|e| e.to_string())?;
     let mut times: Vec<f64> = (0..5)
         .map(|_| {
             let start = Instant::now();
@@ -277,7 +286,7 @@ fn run(args: &Args) -> Result<(), String> {
     let mut results = Results {
         machine: machine(),
         command: format!(
-            "cargo run --release --features bench --bin totpd-bench{}",
+            "cargo run --release -p totpd-bench{}",
             if args.quick { " -- --quick" } else { "" }
         ),
         argon2: format!(

@@ -4,7 +4,7 @@
 
 use hyper::{Method, StatusCode};
 use totpd::clock::{Clock, SystemClock};
-use totpd::totp::{self, PERIOD, Secret};
+use totpd::domain::totp::{self, PERIOD, Secret};
 
 use crate::load::{Req, Source};
 use crate::seed::{self, MainData, Pool, ValidUser};

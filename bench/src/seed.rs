@@ -1,23 +1,27 @@
-//! Preparing data dirs before a server starts on them: users, enrolments, login keys and temp
-//! tokens are written straight into the store through the library (the same atomic operations
-//! the service uses), which takes microseconds per record instead of an Argon2 run and a
-//! durable HTTP round trip each. The harness keeps the plain keys, secrets, temp tokens and
-//! recovery codes so its requests are real ones.
+//! Preparing data dirs before a server starts on them: users are built as the domain builds
+//! them (enrolled, with keys and temp tokens) and written into the store with its backup
+//! import, which takes microseconds per record instead of an Argon2 run and a durable HTTP
+//! round trip each. The harness keeps the plain keys, secrets, temp tokens and recovery codes
+//! so its requests are real ones.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use totpd::attempt::{LockPolicy, Proof};
 use totpd::clock::{Clock, SystemClock, UnixTime};
 use totpd::config::Config;
-use totpd::models::{
-    ActiveTotp, AuditEvent, EventKind, PendingLogin, PendingTotp, StoredSecret, User,
-};
-use totpd::password::{Argon2Settings, PasswordHasher};
-use totpd::sealing::{self, Keyring};
-use totpd::secrets::{self, RecoveryCodes};
-use totpd::store::{Guarded, SetupOutcome, Store};
-use totpd::totp::{SECRET_LEN, Secret};
+use totpd::domain::audit::{AuditEvent, EventKind};
+use totpd::domain::enrolment::{self, RecoveryHashes};
+use totpd::domain::keys;
+use totpd::domain::lockout::LockPolicy;
+use totpd::domain::second_factor::Proof;
+use totpd::domain::secrets::{self, RecoveryCodes};
+use totpd::domain::totp::{SECRET_LEN, Secret};
+use totpd::domain::user::{PendingLogin, PendingTotp, StoredSecret, User, UserId};
+use totpd::service::password::{Argon2Settings, PasswordHasher};
+use totpd::service::sealing::{self, Keyring};
+use totpd::store::codec::encode;
+use totpd::store::{BackupRecord, Store, StoreConfig};
 
 /// The password of every bench user.
 pub const PASSWORD: &str = "bench password 1";
@@ -109,10 +113,13 @@ pub struct MainData {
 }
 
 pub struct Seeder {
-    store: Store,
+    store: Arc<dyn Store>,
+    runtime: tokio::runtime::Runtime,
     keyring: Keyring,
     now: UnixTime,
     hash: String,
+    next_id: AtomicU64,
+    next_event: AtomicU64,
 }
 
 fn err(e: impl std::fmt::Display) -> String {
@@ -147,33 +154,76 @@ pub fn scale_name(index: u64) -> String {
     format!("scale-{index:07}")
 }
 
+/// The id of scale user `index` (a scale data dir holds only scale users).
+fn scale_id(index: u64) -> UserId {
+    index + 1
+}
+
 impl Seeder {
     pub fn open(data_dir: &Path, hash: &str) -> Result<Self, String> {
-        let store = Store::open(data_dir, SEED_CACHE).map_err(err)?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .map_err(err)?;
+        let store = totpd::store::open(&StoreConfig {
+            data_dir: data_dir.to_path_buf(),
+            cache_capacity: SEED_CACHE,
+        })
+        .map_err(err)?;
         // The master key file the server will find in the data dir (created on first open).
         let config = Config {
             data_dir: data_dir.to_path_buf(),
             ..Config::default()
         };
-        let (keyring, _) = sealing::establish(&config, &store)?;
+        let (keyring, _) = runtime.block_on(sealing::establish(
+            None,
+            &config.master_key_path(),
+            store.as_ref(),
+        ))?;
         Ok(Self {
             store,
+            runtime,
             keyring,
             now: SystemClock.now(),
             hash: hash.to_owned(),
+            next_id: AtomicU64::new(1),
+            next_event: AtomicU64::new(1),
         })
     }
 
-    pub fn user(&self, name: &str) -> Result<User, String> {
-        self.store
-            .create_user(name, &self.hash, self.now)
-            .map_err(err)?
-            .map_err(|_| format!("user {name} exists already"))
+    fn import(&self, kind: &str, key: Vec<u8>, value: Vec<u8>) -> Result<(), String> {
+        let record = BackupRecord {
+            kind: kind.to_owned(),
+            key,
+            value,
+        };
+        self.runtime
+            .block_on(self.store.import(record))
+            .map_err(err)
+    }
+
+    /// Writes `user` as it now is (a new user, or a new state of one).
+    fn save(&self, user: &User) -> Result<(), String> {
+        self.import("users", user.id.to_be_bytes().to_vec(), encode(user))
+    }
+
+    /// A new user (not written until `save`).
+    pub fn user(&self, name: &str) -> User {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        User::new(id, name.to_owned(), self.hash.clone(), self.now)
+    }
+
+    /// A new user, written.
+    fn saved_user(&self, name: &str) -> Result<User, String> {
+        let user = self.user(name);
+        self.save(&user)?;
+        Ok(user)
     }
 
     pub fn find(&self, name: &str) -> Result<User, String> {
-        self.store
-            .user_by_name(name)
+        self.runtime
+            .block_on(self.store.user_by_name(name))
             .map_err(err)?
             .ok_or_else(|| format!("no user {name}"))
     }
@@ -188,11 +238,23 @@ impl Seeder {
             ip: Some([127, 0, 0, 1].into()),
             outcome: "ok".into(),
         };
-        self.store.record_event(&event).map_err(err)
+        let mut key = self.now.to_be_bytes().to_vec();
+        key.extend_from_slice(
+            &self
+                .next_event
+                .fetch_add(1, Ordering::Relaxed)
+                .to_be_bytes(),
+        );
+        self.import("audit", key, encode(&event))
     }
 
     /// A pending secret, sealed under the master key like the service seals it.
-    fn begin_setup(&self, user: &User, secret: &[u8], audit: bool) -> Result<StoredSecret, String> {
+    fn begin_setup(
+        &self,
+        user: &mut User,
+        secret: &[u8],
+        audit: bool,
+    ) -> Result<StoredSecret, String> {
         let stored = self
             .keyring
             .seal(user.id, &Secret::from_bytes(secret.to_vec()))
@@ -201,63 +263,49 @@ impl Seeder {
             secret: stored.clone(),
             created_at: self.now,
         };
-        match self.store.begin_setup(user.id, &pending).map_err(err)? {
-            SetupOutcome::Started => {
-                if audit {
-                    self.audit(EventKind::Setup, user)?;
-                }
-                Ok(stored)
-            }
-            SetupOutcome::AlreadyActive => Err(format!("{} is already active", user.username)),
+        enrolment::begin_setup(user, pending).map_err(|e| format!("{e:?}"))?;
+        if audit {
+            self.audit(EventKind::Setup, user)?;
         }
+        Ok(stored)
     }
 
-    /// Setup then activation, as the service does them (audit events included); no step
-    /// consumed yet (`last_step` 0). Returns the recovery codes.
-    pub fn enrol(&self, user: &User, secret: &[u8]) -> Result<Vec<String>, String> {
+    /// Setup then activation through the domain, as the service does them (audit events
+    /// included); no step consumed yet (`last_step` 0). Returns the recovery codes.
+    pub fn enrol(&self, user: &mut User, secret: &[u8]) -> Result<Vec<String>, String> {
         let codes = secrets::new_recovery_codes().map_err(err)?;
         self.enrol_with(user, secret, codes, true)
     }
 
     fn enrol_with(
         &self,
-        user: &User,
+        user: &mut User,
         secret: &[u8],
         codes: RecoveryCodes,
         audit: bool,
     ) -> Result<Vec<String>, String> {
         let stored = self.begin_setup(user, secret, audit)?;
-        let active = ActiveTotp {
-            secret: stored.clone(),
-            last_step: 0,
-            activated_at: self.now,
-            recovery_key: codes.key,
-            recovery_hashes: codes.hashes,
+        let recovery = RecoveryHashes {
+            key: codes.key,
+            hashes: codes.hashes,
         };
-        let outcome = self
-            .store
-            .activate(
-                user.id,
-                &stored,
-                &Proof::Step(0),
-                &active,
-                &LockPolicy::default(),
-                self.now,
-            )
-            .map_err(err)?;
-        match outcome {
-            Guarded::Done { .. } => {
-                if audit {
-                    self.audit(EventKind::Activate, user)?;
-                }
-                Ok(codes.shown)
-            }
-            other => Err(format!("activating {}: {other:?}", user.username)),
+        enrolment::activate(
+            user,
+            &stored,
+            &Proof::Step(0),
+            recovery,
+            &LockPolicy::default(),
+            self.now,
+        )
+        .map_err(|e| format!("activating {}: {e:?}", user.username))?;
+        if audit {
+            self.audit(EventKind::Activate, user)?;
         }
+        Ok(codes.shown)
     }
 
     /// A pending setup with a fresh secret, returned.
-    pub fn pending(&self, user: &User) -> Result<Secret, String> {
+    pub fn pending(&self, user: &mut User) -> Result<Secret, String> {
         let secret = random_secret()?;
         self.begin_setup(user, &secret, true)?;
         Ok(Secret::from_bytes(secret))
@@ -266,34 +314,26 @@ impl Seeder {
     /// A login key for `user`.
     pub fn key(&self, user: &User) -> Result<String, String> {
         let (key, digest) = secrets::new_login_key().map_err(err)?;
-        if self
-            .store
-            .issue_key(user.id, &digest, self.now)
-            .map_err(err)?
-        {
-            Ok(key)
-        } else {
-            Err(format!("no user {}", user.username))
-        }
+        let record = keys::new_key(user, user.key_epoch, self.now);
+        self.import("keys", digest.to_vec(), encode(&record))?;
+        Ok(key)
     }
 
-    /// A temp token as login issues it after the password step, good for `attempts` codes.
-    pub fn temp_token(&self, user: &User, attempts: u32) -> Result<String, String> {
+    /// A temp token as login issues it after the password step, good for `attempts` codes
+    /// (recorded in `user`, written with it).
+    pub fn temp_token(&self, user: &mut User, attempts: u32) -> Result<String, String> {
         let (token, digest) = secrets::new_temp_token().map_err(err)?;
-        let record = PendingLogin {
+        user.temp_tokens.push(PendingLogin {
             digest,
             expires_at: self.now + TOKEN_LIFETIME,
             attempts_left: attempts,
-        };
-        self.store
-            .issue_temp_token(user.id, record, self.now)
-            .map_err(err)?;
+        });
         Ok(token)
     }
 
     /// Flushes and closes the store (a server can then open the data dir).
     pub fn finish(self) -> Result<(), String> {
-        self.store.flush_now().map_err(err)
+        self.runtime.block_on(self.store.close()).map_err(err)
     }
 
     /// The main data dir: every kind of user the endpoint scenarios need.
@@ -302,17 +342,18 @@ impl Seeder {
         let mut status_keys = Vec::new();
         for i in 0..plan.per_worker {
             let name = format!("login-{i:03}");
-            self.user(&name)?;
+            self.saved_user(&name)?;
             login.push(name);
-            status_keys.push(self.key(&self.user(&format!("status-{i:03}"))?)?);
+            status_keys.push(self.key(&self.saved_user(&format!("status-{i:03}"))?)?);
         }
         let setup_keys = (0..plan.setup)
-            .map(|i| self.key(&self.user(&format!("setup-{i:06}"))?))
+            .map(|i| self.key(&self.saved_user(&format!("setup-{i:06}"))?))
             .collect::<Result<_, _>>()?;
         let mut activate = Vec::with_capacity(plan.activate);
         for i in 0..plan.activate {
-            let user = self.user(&format!("activate-{i:06}"))?;
-            let secret = self.pending(&user)?;
+            let mut user = self.user(&format!("activate-{i:06}"));
+            let secret = self.pending(&mut user)?;
+            self.save(&user)?;
             activate.push(PendingUser {
                 key: self.key(&user)?,
                 secret,
@@ -320,12 +361,13 @@ impl Seeder {
         }
         let mut valid = Vec::with_capacity(plan.valid_users);
         for i in 0..plan.valid_users {
-            let user = self.user(&format!("valid-{i:06}"))?;
+            let mut user = self.user(&format!("valid-{i:06}"));
             let secret = random_secret()?;
-            self.enrol(&user, &secret)?;
+            self.enrol(&mut user, &secret)?;
             let tokens = (0..plan.valid_per_user)
-                .map(|_| self.temp_token(&user, 1))
+                .map(|_| self.temp_token(&mut user, 1))
                 .collect::<Result<_, _>>()?;
+            self.save(&user)?;
             valid.push(ValidUser {
                 secret: Secret::from_bytes(secret),
                 tokens,
@@ -334,21 +376,24 @@ impl Seeder {
         }
         let mut recovery = Vec::with_capacity(plan.recovery_users);
         for i in 0..plan.recovery_users {
-            let user = self.user(&format!("recovery-{i:06}"))?;
-            let codes = self.enrol(&user, &random_secret()?)?;
+            let mut user = self.user(&format!("recovery-{i:06}"));
+            let codes = self.enrol(&mut user, &random_secret()?)?;
             let tokens = codes
                 .iter()
-                .map(|_| self.temp_token(&user, 1))
+                .map(|_| self.temp_token(&mut user, 1))
                 .collect::<Result<_, _>>()?;
+            self.save(&user)?;
             recovery.push(RecoveryUser { tokens, codes });
         }
         let mut wrong = Vec::with_capacity(plan.wrong_tokens);
         for i in 0..plan.wrong_tokens {
-            let user = self.user(&format!("wrong-{i:06}"))?;
+            let mut user = self.user(&format!("wrong-{i:06}"));
             let secret = random_secret()?;
-            self.enrol(&user, &secret)?;
+            self.enrol(&mut user, &secret)?;
+            let token = self.temp_token(&mut user, wrong_per_token())?;
+            self.save(&user)?;
             wrong.push(WrongToken {
-                token: self.temp_token(&user, wrong_per_token())?,
+                token,
                 secret: Secret::from_bytes(secret),
             });
         }
@@ -371,9 +416,15 @@ impl Seeder {
                     scope.spawn(move || -> Result<(), String> {
                         let mut index = from + t;
                         while index < to {
-                            let user = self.user(&scale_name(index))?;
+                            let mut user = User::new(
+                                scale_id(index),
+                                scale_name(index),
+                                self.hash.clone(),
+                                self.now,
+                            );
                             let codes = scale_recovery_codes(index);
-                            self.enrol_with(&user, &scale_secret(index), codes, false)?;
+                            self.enrol_with(&mut user, &scale_secret(index), codes, false)?;
+                            self.save(&user)?;
                             index += threads;
                         }
                         Ok(())
@@ -400,10 +451,11 @@ impl Seeder {
         picked
             .into_iter()
             .map(|index| {
-                let user = self.find(&scale_name(index as u64))?;
+                let mut user = self.find(&scale_name(index as u64))?;
                 let tokens = (0..per_user)
-                    .map(|_| self.temp_token(&user, 1))
+                    .map(|_| self.temp_token(&mut user, 1))
                     .collect::<Result<_, _>>()?;
+                self.save(&user)?;
                 // An earlier scale point may have used some of its steps.
                 let last_step = user.totp.as_ref().map_or(0, |t| t.last_step);
                 Ok(ValidUser {

@@ -56,7 +56,7 @@ pub fn routes(
     state: &SharedState,
 ) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone + use<> {
     let mut served = served(state).into_iter().map(|(_, _, route)| route);
-    let first = served.next().unwrap_or_else(|| openapi());
+    let first = served.next().unwrap_or_else(openapi);
     let api = served.fold(first, |api, route| api.or(route).unify().boxed());
     #[cfg(feature = "bench")]
     let api = api.or(baseline(state)).unify().boxed();

@@ -314,6 +314,68 @@ pub fn login_key(values: &[&[u8]]) -> Result<String, Error> {
     }
 }
 
+/// A typed request body, parsed from the raw bytes in one place.
+pub trait FromBody: Sized {
+    fn from_body(body: &[u8]) -> Result<Self, Error>;
+}
+
+/// The body of a password login.
+pub struct LoginForm(pub Credentials);
+
+/// The body of a registration (stricter: a new name and a new password).
+pub struct RegistrationForm(pub Credentials);
+
+/// The body of a route that takes none: read (with its limits) and ignored.
+pub struct NoBody;
+
+impl FromBody for LoginForm {
+    fn from_body(body: &[u8]) -> Result<Self, Error> {
+        Credentials::for_login(body).map(Self)
+    }
+}
+
+impl FromBody for RegistrationForm {
+    fn from_body(body: &[u8]) -> Result<Self, Error> {
+        Credentials::for_registration(body).map(Self)
+    }
+}
+
+impl FromBody for NoBody {
+    fn from_body(_: &[u8]) -> Result<Self, Error> {
+        Ok(Self)
+    }
+}
+
+impl FromBody for TotpActivate {
+    fn from_body(body: &[u8]) -> Result<Self, Error> {
+        Self::parse(body)
+    }
+}
+
+impl FromBody for TotpVerify {
+    fn from_body(body: &[u8]) -> Result<Self, Error> {
+        Self::parse(body)
+    }
+}
+
+impl FromBody for TotpDeactivate {
+    fn from_body(body: &[u8]) -> Result<Self, Error> {
+        Self::parse(body)
+    }
+}
+
+impl FromBody for RecoveryCodesRegenerate {
+    fn from_body(body: &[u8]) -> Result<Self, Error> {
+        Self::parse(body)
+    }
+}
+
+impl FromBody for PasswordChange {
+    fn from_body(body: &[u8]) -> Result<Self, Error> {
+        Self::parse(body)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -437,67 +499,5 @@ mod tests {
             login_key(&[ok.as_bytes(), ok.as_bytes()]),
             Err(Error::AuthenticationFailed(_))
         ));
-    }
-}
-
-/// A typed request body, parsed from the raw bytes in one place.
-pub trait FromBody: Sized {
-    fn from_body(body: &[u8]) -> Result<Self, Error>;
-}
-
-/// The body of a password login.
-pub struct LoginForm(pub Credentials);
-
-/// The body of a registration (stricter: a new name and a new password).
-pub struct RegistrationForm(pub Credentials);
-
-/// The body of a route that takes none: read (with its limits) and ignored.
-pub struct NoBody;
-
-impl FromBody for LoginForm {
-    fn from_body(body: &[u8]) -> Result<Self, Error> {
-        Credentials::for_login(body).map(Self)
-    }
-}
-
-impl FromBody for RegistrationForm {
-    fn from_body(body: &[u8]) -> Result<Self, Error> {
-        Credentials::for_registration(body).map(Self)
-    }
-}
-
-impl FromBody for NoBody {
-    fn from_body(_: &[u8]) -> Result<Self, Error> {
-        Ok(Self)
-    }
-}
-
-impl FromBody for TotpActivate {
-    fn from_body(body: &[u8]) -> Result<Self, Error> {
-        Self::parse(body)
-    }
-}
-
-impl FromBody for TotpVerify {
-    fn from_body(body: &[u8]) -> Result<Self, Error> {
-        Self::parse(body)
-    }
-}
-
-impl FromBody for TotpDeactivate {
-    fn from_body(body: &[u8]) -> Result<Self, Error> {
-        Self::parse(body)
-    }
-}
-
-impl FromBody for RecoveryCodesRegenerate {
-    fn from_body(body: &[u8]) -> Result<Self, Error> {
-        Self::parse(body)
-    }
-}
-
-impl FromBody for PasswordChange {
-    fn from_body(body: &[u8]) -> Result<Self, Error> {
-        Self::parse(body)
     }
 }

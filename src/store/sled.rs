@@ -74,6 +74,9 @@ struct Inner {
     commit: GroupCommit,
 }
 
+/// Key-value pairs read from sled, from one tree or another.
+type Records<'a> = Box<dyn Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>> + 'a>;
+
 /// The sled backend; clones share one database.
 #[derive(Clone)]
 pub struct SledStore(Arc<Inner>);
@@ -378,10 +381,7 @@ impl SledStore {
                 .transpose()
                 .map(|v| v.map(|v| (k.into(), v)))
         });
-        let trees: [(
-            &str,
-            Box<dyn Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>>,
-        ); 4] = [
+        let trees: [(&str, Records<'_>); 4] = [
             ("meta", Box::new(meta)),
             ("users", Box::new(inner.users.iter())),
             ("keys", Box::new(inner.keys.iter())),
