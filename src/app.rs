@@ -11,12 +11,12 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
+use crate::admin;
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::http::{self, SharedState, State};
 use crate::limits::Buckets;
 use crate::metrics::Metrics;
-use crate::ops::admin;
 use crate::service::password::PasswordHasher;
 use crate::service::{Policy, Service, sealing};
 use crate::store::{self, StoreConfig};
@@ -135,6 +135,12 @@ impl Application {
 
     pub fn config(&self) -> &Config {
         &self.state.config
+    }
+
+    /// The state the routes are built on (the test that holds the route table to the routes
+    /// served builds each route filter from it).
+    pub fn http_state(&self) -> SharedState {
+        SharedState::clone(&self.state)
     }
 
     /// Serves until `shutdown` resolves, lets requests in flight finish, then makes every

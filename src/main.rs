@@ -1,3 +1,3 @@
 fn main() -> std::process::ExitCode {
-    totpd::ops::cli::run()
+    totpd::cli::run()
 }

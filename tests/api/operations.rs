@@ -68,6 +68,48 @@ fn every_route_the_server_has_is_documented_and_nothing_else() {
     assert_eq!(documented, served);
 }
 
+/// `ROUTES` (which metrics and the test above use) is the list of routes the server serves,
+/// and each route filter answers the method and path it is listed with, with or without the
+/// trailing slash: a route added to the filters alone, or listed under a wrong path, fails here.
+#[tokio::test]
+async fn the_route_table_is_the_routes_served() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let app = totpd::app::Application::build(
+        test_config(&dir),
+        Arc::new(totpd::clock::ManualClock::new(crate::helpers::START)),
+    )
+    .await
+    .expect("builds");
+    let state = app.http_state();
+    let served = totpd::http::routes::served(&state);
+    let listed: Vec<(&str, &str)> = served.iter().map(|(m, p, _)| (*m, *p)).collect();
+    assert_eq!(listed, totpd::http::routes::ROUTES);
+    for (method, path, filter) in &served {
+        for path in [*path, path.trim_end_matches('/')] {
+            let matched = warp::test::request()
+                .method(method)
+                .path(path)
+                .filter(filter)
+                .await;
+            if let Err(rejection) = matched {
+                // A refusal of the route itself (no key, say) is fine: the path matched.
+                assert!(
+                    !rejection.is_not_found()
+                        && rejection.find::<warp::reject::MethodNotAllowed>().is_none(),
+                    "{method} {path} is not served by its filter: {rejection:?}"
+                );
+            }
+        }
+        let other = if *method == "GET" { "POST" } else { "GET" };
+        let wrong = warp::test::request()
+            .method(other)
+            .path(path)
+            .filter(filter)
+            .await;
+        assert!(wrong.is_err(), "{other} {path} is not a route");
+    }
+}
+
 #[test]
 fn the_four_seed_operations_and_their_components_are_kept() {
     let (ours, seed) = (served_document(), seed_document());
@@ -324,7 +366,7 @@ async fn a_backup_under_load_restores_without_resurrecting_anything() {
         }
     }
     let file = app.dir.path().join("backup.totpd");
-    let written = totpd::ops::backup::write(&app.service, &file)
+    let written = totpd::admin::backup::write(&app.service, &file)
         .await
         .expect("backup");
     while let Some(status) = load.join_next().await {
@@ -337,7 +379,7 @@ async fn a_backup_under_load_restores_without_resurrecting_anything() {
     let config = test_config(&target);
     std::fs::create_dir_all(&config.data_dir).expect("mkdir");
     std::fs::copy(app.config.master_key_path(), config.master_key_path()).expect("key");
-    let restored = totpd::ops::backup::restore(&file, &totpd::app::store_config(&config))
+    let restored = totpd::admin::backup::restore(&file, &totpd::app::store_config(&config))
         .await
         .expect("restore");
     assert_eq!(restored, written);

@@ -1,18 +1,18 @@
-//! Administration that works with or without a running server. Each command is an
-//! `AdminRequest`; `execute` carries it out through the service. The CLI opens the data dir itself
-//! when no server runs; when one does (sled lets one process hold the data dir), it sends the
-//! request as one JSON line over the Unix socket `<data dir>/admin.sock` (mode 0600: only the
-//! owner can administer) and the server executes it.
+//! Administration that works with or without a running server, and the backup file
+//! ([`backup`]). Each command is an `AdminRequest`; `execute` carries it out through the
+//! service. The CLI opens the data dir itself when no server runs; when one does (sled lets one
+//! process hold the data dir), it sends the request as one JSON line over the Unix socket
+//! `<data dir>/admin.sock` (mode 0600: only the owner can administer) and the server executes it.
+
+pub mod backup;
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use std::sync::Arc;
-
-use super::backup;
 use crate::clock::{Clock, UnixTime};
 use crate::domain::audit::AuditEvent;
 use crate::domain::lockout::HARD_LOCK;

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
-use super::admin::{self, AdminRequest};
+use crate::admin::{self, AdminRequest};
 use crate::app::{self, Application};
 use crate::clock::{Clock, SystemClock, UnixTime};
 use crate::config::{Config, Flags, LogFormat};
@@ -267,7 +267,10 @@ fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>, String> {
 }
 
 fn restore(config: &Config, file: &Path) -> Result<(), String> {
-    let count = runtime()?.block_on(super::backup::restore(file, &app::store_config(config)))?;
+    let count = runtime()?.block_on(crate::admin::backup::restore(
+        file,
+        &app::store_config(config),
+    ))?;
     println!(
         "restored {count} records into {}; the master key that sealed them must be in place \
          before the server starts",
