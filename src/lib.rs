@@ -30,6 +30,7 @@ pub mod service;
 pub mod store;
 pub mod tls;
 pub mod totp;
+pub mod web;
 
 use std::sync::Arc;
 

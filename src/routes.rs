@@ -50,6 +50,7 @@ pub fn route_label(path: &str) -> &'static str {
 
 pub fn routes(state: AppState) -> impl Filter<Extract = (impl Reply,), Error = Infallible> + Clone {
     let body_timeout = state.config.body_read_timeout;
+    let web_ui = state.config.web_ui;
     let body = body(Duration::from_secs(body_timeout));
     let state = warp::any().map(move || state.clone());
     let request = warp::ext::optional::<ClientAddr>()
@@ -117,6 +118,7 @@ pub fn routes(state: AppState) -> impl Filter<Extract = (impl Reply,), Error = I
         .or(openapi)
         .or(healthz)
         .or(metrics)
+        .or(crate::web::routes(web_ui))
         .recover(handle_rejection)
 }
 
