@@ -34,15 +34,19 @@ pub fn routes(enabled: bool) -> impl Filter<Extract = (Response,), Error = Rejec
             }
         })
         .untuple_one();
+    // The path before the method: a method filter first would turn every unknown path into 405.
     let index = warp::path::end()
         .or(warp::path!("index.html"))
         .unify()
-        .map(|| asset(INDEX_HTML, "text/html; charset=utf-8"));
-    let script = warp::path!("app.js").map(|| asset(APP_JS, "text/javascript; charset=utf-8"));
-    let style = warp::path!("style.css").map(|| asset(STYLE_CSS, "text/css; charset=utf-8"));
-    enabled
         .and(warp::get())
-        .and(index.or(script).unify().or(style).unify())
+        .map(|| asset(INDEX_HTML, "text/html; charset=utf-8"));
+    let script = warp::path!("app.js")
+        .and(warp::get())
+        .map(|| asset(APP_JS, "text/javascript; charset=utf-8"));
+    let style = warp::path!("style.css")
+        .and(warp::get())
+        .map(|| asset(STYLE_CSS, "text/css; charset=utf-8"));
+    enabled.and(index.or(script).unify().or(style).unify())
 }
 
 /// One embedded file with its content type and the security headers.

@@ -78,8 +78,25 @@ async fn page_script_and_stylesheet_are_served_with_their_types_and_security_hea
         assert!(body.contains(needle), "{path} is not the expected file");
     }
     // Only GET: the page's paths are not a place to post to.
-    let response = client.post(format!("{base}/")).send().await.expect("POST");
-    assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED);
+    for path in ["/", "/app.js"] {
+        let response = client
+            .post(format!("{base}{path}"))
+            .send()
+            .await
+            .expect("POST");
+        assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED, "{path}");
+    }
+    // Other paths stay unknown, whatever the method.
+    for path in ["/nope", "/index.html/x", "/app.js/x", "/web/app.js"] {
+        for method in [reqwest::Method::GET, reqwest::Method::POST] {
+            let response = client
+                .request(method.clone(), format!("{base}{path}"))
+                .send()
+                .await
+                .expect("request");
+            assert_eq!(response.status(), StatusCode::NOT_FOUND, "{method} {path}");
+        }
+    }
     // The API around it is unchanged.
     let response = client
         .get(format!("{base}/api/v1/auth/totp/"))
