@@ -56,6 +56,8 @@ pub struct Config {
     pub tls_key: Option<PathBuf>,
     /// Who may read `/metrics`; empty means everyone who can reach the server.
     pub metrics_allow: Vec<IpNet>,
+    /// Serve the self-service page at `/` (`src/web.rs`).
+    pub web_ui: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -130,6 +132,7 @@ impl Default for Config {
             tls_cert: None,
             tls_key: None,
             metrics_allow: Vec::new(),
+            web_ui: true,
         }
     }
 }
@@ -294,6 +297,7 @@ pub const KEYS: &[Key] = &[
         Ok(())
     }),
     Key::boolean("allow_registration", |c, v| c.allow_registration = v),
+    Key::boolean("web_ui", |c, v| c.web_ui = v),
     Key::integer("temp_token_ttl", 10, 3600, |c, v| c.temp_token_ttl = v),
     Key::integer("temp_token_attempts", 1, 20, |c, v| {
         c.temp_token_attempts = v as u32;

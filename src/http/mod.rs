@@ -7,6 +7,7 @@
 //! - [`routes`]: the route table and one filter function per route.
 //! - [`handlers`]: typed input in, JSON out; they never see a `Request`.
 //! - [`server`]: the connection loop; [`tls`]: certificates; [`qr`]: the QR code of setup.
+//! - [`web`]: the self-service page, three embedded files that only call the API.
 
 pub mod filters;
 pub mod handlers;
@@ -14,6 +15,7 @@ pub mod qr;
 pub mod routes;
 pub mod server;
 pub mod tls;
+pub mod web;
 
 use std::sync::Arc;
 

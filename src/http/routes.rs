@@ -60,7 +60,11 @@ pub fn routes(
     let api = served.fold(first, |api, route| api.or(route).unify().boxed());
     #[cfg(feature = "bench")]
     let api = api.or(baseline(state)).unify().boxed();
-    api.recover(handle_rejection).unify()
+    // The self-service page is not part of the API (nor of `ROUTES`); off, its paths are 404.
+    api.or(super::web::routes(state.config.web_ui))
+        .unify()
+        .recover(handle_rejection)
+        .unify()
 }
 
 /// Every route served, with the method and path it answers: `routes` serves exactly these, and

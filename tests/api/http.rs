@@ -6,8 +6,9 @@ use crate::helpers::{assert_error, raw_request, raw_status, spawn_app};
 #[tokio::test]
 async fn unknown_paths_are_404_json() {
     let app = spawn_app().await;
+    // (`/` is the self-service page: tests/web.rs.)
     for path in [
-        "/",
+        "/nope",
         "/api/v1/auth/totp/nope/",
         "/api/v1/auth/totp/verify/extra/",
     ] {
