@@ -18,5 +18,7 @@ mod operations;
 mod process;
 /// Parallel double-spends of temp tokens, time steps, recovery codes and activation.
 mod races;
+/// The defects of the outside review (issue 10), as the attacks and accidents that showed them.
+mod review;
 /// setup, activate, verify, deactivate and status: the spec's flow and its rules.
 mod totp_flow;
