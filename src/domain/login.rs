@@ -30,14 +30,19 @@ pub struct PasswordChanged;
 
 /// The password step, after `checked_hash` verified the password. `temp_token` is recorded when
 /// TOTP is active now — decided on the current record, not on the one read before hashing.
+/// `rehashed`, the same password hashed with the current settings, replaces the stored hash.
 pub fn pass_password(
     user: &mut User,
     checked_hash: &str,
+    rehashed: Option<&str>,
     temp_token: PendingLogin,
     now: UnixTime,
 ) -> Result<PasswordStep, PasswordChanged> {
     if user.password_hash != checked_hash {
         return Err(PasswordChanged);
+    }
+    if let Some(hash) = rehashed {
+        user.password_hash = hash.to_owned();
     }
     if user.totp.is_some() {
         user.temp_tokens.retain(|t| t.is_live(now));
@@ -141,14 +146,18 @@ mod tests {
     fn the_password_step_refuses_a_hash_that_changed_meanwhile() {
         let mut u = User::new(1, "u".into(), "new-hash".into(), 0);
         assert_eq!(
-            pass_password(&mut u, "old-hash", token(1, 5), 0),
+            pass_password(&mut u, "old-hash", None, token(1, 5), 0),
             Err(PasswordChanged)
         );
         assert_eq!(
-            pass_password(&mut u, "new-hash", token(1, 5), 7),
+            pass_password(&mut u, "new-hash", Some("newer"), token(1, 5), 7),
             Ok(PasswordStep::Key { epoch: 0 })
         );
         assert_eq!(u.last_login, Some(7));
+        assert_eq!(
+            u.password_hash, "newer",
+            "a rehash replaces the checked hash"
+        );
         assert!(u.temp_tokens.is_empty());
     }
 
@@ -156,7 +165,7 @@ mod tests {
     fn the_password_step_asks_for_a_code_when_totp_became_active_meanwhile() {
         let mut u = active_user(&[]);
         assert_eq!(
-            pass_password(&mut u, "", token(1, 5), 0),
+            pass_password(&mut u, "", None, token(1, 5), 0),
             Ok(PasswordStep::TotpRequired)
         );
         assert!(temp_token_is_live(&u, &[1; 32], 0));
@@ -168,7 +177,7 @@ mod tests {
     fn a_user_holds_at_most_max_temp_tokens_and_the_oldest_goes() {
         let mut u = active_user(&[]);
         for i in 0..=MAX_TEMP_TOKENS as u8 {
-            pass_password(&mut u, "", token(i, 5), 0).expect("issued");
+            pass_password(&mut u, "", None, token(i, 5), 0).expect("issued");
         }
         assert_eq!(u.temp_tokens.len(), MAX_TEMP_TOKENS);
         assert!(!temp_token_is_live(&u, &[0; 32], 0));

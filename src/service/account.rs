@@ -74,11 +74,19 @@ impl Service {
         }
         let user = self.store.user_by_name(&input.username).await?;
         let checked = user.as_ref().map(|u| u.password_hash.clone());
-        let valid = self.hasher.verify(input.password, checked.clone()).await?;
+        let password = input.password;
+        let valid = self
+            .hasher
+            .verify(password.clone(), checked.clone())
+            .await?;
         let (Some(user), Some(checked), true) = (user, checked, valid) else {
             let failed = named_event(ctx, EventKind::Login, None, Some(&input.username), "failed");
             self.store.record_events(vec![failed]).await?;
             return Err(Error::InvalidCredentials);
+        };
+        let rehashed = match self.hasher.needs_rehash(&checked) {
+            true => Some(self.hasher.hash(password).await?),
+            false => None,
         };
         let (temp_token, temp_digest) = secrets::new_temp_token()?;
         let (key, key_digest) = secrets::new_login_key()?;
@@ -89,7 +97,13 @@ impl Service {
         };
         let step = self
             .change(user.id, |user| {
-                let step = login::pass_password(user, &checked, pending.clone(), ctx.now);
+                let step = login::pass_password(
+                    user,
+                    &checked,
+                    rehashed.as_deref(),
+                    pending.clone(),
+                    ctx.now,
+                );
                 let mut writes = Writes::default();
                 match step {
                     Ok(PasswordStep::TotpRequired) => {

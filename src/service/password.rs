@@ -115,6 +115,22 @@ impl PasswordHasher {
         hash_with(&self.argon2, password)
     }
 
+    /// Whether `phc` was made with other settings than the current ones (or is not Argon2id):
+    /// such a hash is replaced at the next successful login, so real hashes and the dummy one
+    /// cost the same and a raised cost reaches every account.
+    pub fn needs_rehash(&self, phc: &str) -> bool {
+        let Ok(parsed) = PasswordHash::new(phc) else {
+            return true;
+        };
+        let current = self.argon2.params();
+        let same = parsed.algorithm == argon2::ARGON2ID_IDENT
+            && Params::try_from(&parsed).is_ok_and(|p| {
+                (p.m_cost(), p.t_cost(), p.p_cost())
+                    == (current.m_cost(), current.t_cost(), current.p_cost())
+            });
+        !same
+    }
+
     async fn run_blocking<T: Send + 'static>(
         &self,
         job: impl FnOnce() -> T + Send + 'static,
@@ -149,6 +165,24 @@ fn verify_with(argon2: &Argon2<'_>, password: &str, phc: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_hash_with_other_settings_needs_a_rehash() {
+        let cheap = cheap();
+        let hash = cheap.hash_now("password").expect("hash");
+        assert!(!cheap.needs_rehash(&hash));
+        let other = PasswordHasher::new(
+            Argon2Settings {
+                memory_kib: 128,
+                iterations: 1,
+                parallelism: 1,
+            },
+            1,
+        )
+        .expect("hasher");
+        assert!(other.needs_rehash(&hash));
+        assert!(other.needs_rehash("not a hash"));
+    }
 
     fn cheap() -> PasswordHasher {
         let settings = Argon2Settings {

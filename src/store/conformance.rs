@@ -115,7 +115,7 @@ async fn enrolled(store: &dyn Store, name: &str, tokens: u8) -> User {
             attempts_left: 5,
         };
         apply(store, user.id, |u| {
-            login::pass_password(u, "$argon2id$hash", token.clone(), NOW).expect("same hash");
+            login::pass_password(u, "$argon2id$hash", None, token.clone(), NOW).expect("same hash");
             Writes {
                 temp_token: Some((token.digest, token.expires_at)),
                 ..Writes::default()
@@ -282,7 +282,7 @@ where
     let (kept, other) = ([1u8; 32], [2u8; 32]);
     for digest in [kept, other] {
         apply(store.as_ref(), user.id, |u| {
-            let step = login::pass_password(u, "$argon2id$hash", token(0), NOW);
+            let step = login::pass_password(u, "$argon2id$hash", None, token(0), NOW);
             let Ok(login::PasswordStep::Key { epoch }) = step else {
                 panic!("no TOTP: a key")
             };

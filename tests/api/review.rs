@@ -201,3 +201,33 @@ async fn backups_taken_during_sign_ups_restore_consistent() {
         }
     }
 }
+
+/// Dangerous settings (issue 10): a hash made with older Argon2 settings is replaced at the
+/// next successful login, so raised costs reach every account and a real hash costs what the
+/// dummy hash for unknown users costs.
+#[tokio::test]
+async fn passwords_are_rehashed_when_the_argon2_settings_change() {
+    let app = spawn_app().await;
+    app.create_user("alice", "password123").await;
+    let (dir, mut config) = app.stop().await;
+    config.argon2.memory_kib = 128;
+    let app = start(dir, config).await;
+    assert_eq!(
+        app.login("alice", "wrong-password").await.status,
+        StatusCode::BAD_REQUEST
+    );
+    assert_eq!(
+        app.login("alice", "password123").await.status,
+        StatusCode::OK
+    );
+    let (dir, config) = app.stop().await;
+    let store = totpd::store::open(&totpd::app::store_config(&config)).expect("open");
+    let hash = store
+        .user_by_name("alice")
+        .await
+        .expect("store")
+        .expect("alice")
+        .password_hash;
+    assert!(hash.contains("m=128,"), "{hash}");
+    drop((store, dir));
+}
