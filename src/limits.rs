@@ -1,3 +1,7 @@
+//! Hand-written rather than `governor`: a failure budget needs `give_back` (taken before the
+//! attempt, returned on success), which GCRA limiters have no operation for, and every rule here
+//! runs on the injected clock.
+//!
 //! Per-client throttling in memory: token buckets per (route, client IP) and per username for
 //! failed password logins, and the client address itself (`X-Forwarded-For` is believed only
 //! from `trusted_proxies`). Memory is bounded: at `max_entries` the table sheds buckets that

@@ -1,6 +1,9 @@
 //! Prometheus metrics, kept in memory in atomics allocated at start: requests by route and status, latency
 //! histograms by route, verify outcomes, lockouts. Gauges that live in the store (users, users
 //! with TOTP active, database size) are read when `/metrics` is scraped.
+//!
+//! Rendered by hand rather than with `prometheus-client`, which writes OpenMetrics text (another
+//! content type, `# EOF`, renamed counters) and would change what existing scrapers read.
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
