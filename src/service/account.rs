@@ -1,8 +1,8 @@
 //! Accounts and sessions: create an account, log in with a password, present a login key, log
 //! out (here or everywhere), change the password.
 
+use super::core::{Ctx, Service, Session, event, named_event};
 use super::input::{Credentials, PasswordChange};
-use super::{Ctx, Service, Session, event, named_event};
 use crate::domain::audit::EventKind;
 use crate::domain::keys::{self, KeyCheck};
 use crate::domain::login::{self, PasswordStep};

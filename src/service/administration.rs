@@ -2,7 +2,7 @@
 //! unlock users, set a password, reset a lost phone, read the audit trail, take a backup, and
 //! re-seal secrets under a new master key. Every change is recorded in the audit trail.
 
-use super::{Ctx, Service, event};
+use super::core::{Ctx, Service, event};
 use crate::clock::UnixTime;
 use crate::domain::audit::{AuditEvent, EventKind};
 use crate::domain::enrolment;

@@ -2,8 +2,8 @@
 //! (verify), turn it off (deactivate), and get fresh recovery codes. Codes are checked against
 //! the opened secret here; what a code does to the account is decided in `domain`.
 
+use super::core::{Ctx, Service, Session, event, locked, refusal_error, refusal_events};
 use super::input::{TotpVerify, VerifyCode};
-use super::{Ctx, Service, Session, event, locked, refusal_error, refusal_events};
 use crate::clock::UnixTime;
 use crate::domain::audit::{AuditEvent, EventKind};
 use crate::domain::enrolment::{self, EnrolmentRefusal, RecoveryHashes};

@@ -12,6 +12,7 @@ use std::collections::BTreeSet;
 use std::future::Future;
 use std::sync::Arc;
 
+use super::port::{BackupRecord, Store, UserChange, Writes};
 use crate::domain::audit::{AuditEvent, EventKind};
 use crate::domain::keys::{self, KeyCheck, KeyLifetime};
 use crate::domain::lockout::LockPolicy;
@@ -19,7 +20,6 @@ use crate::domain::login::{self, CodeStepRefusal};
 use crate::domain::second_factor::Proof;
 use crate::domain::secrets::RecoveryCode;
 use crate::domain::user::{ActiveTotp, Digest, PendingLogin, StoredSecret, User, UserId};
-use crate::store::{BackupRecord, Store, UserChange, Writes};
 
 /// A fresh, empty store for one test, and what must live as long as it (a temp dir, say).
 pub struct TestStore {

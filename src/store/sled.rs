@@ -25,7 +25,7 @@ use sled::transaction::{ConflictableTransactionError, TransactionError};
 
 use super::codec::{decode, encode};
 use super::group_commit::GroupCommit;
-use super::{
+use super::port::{
     BackupRecord, OpenError, SCHEMA_VERSION, Store, StoreError, StoreStats, UserChange,
     UsernameTaken, Writes,
 };

@@ -1,0 +1,191 @@
+//! The port itself: the [`Store`] trait, what its methods take and give, and its errors.
+
+use std::path::PathBuf;
+
+use async_trait::async_trait;
+
+use crate::clock::UnixTime;
+use crate::domain::audit::AuditEvent;
+use crate::domain::keys::KeyLifetime;
+use crate::domain::user::{Digest, LoginKey, StoredSecret, User, UserId};
+
+/// The layout this binary reads and writes.
+pub const SCHEMA_VERSION: u64 = 1;
+
+/// A storage failure: the request answers 503 (or 500 for a corrupt record).
+#[derive(Debug)]
+pub enum StoreError {
+    /// The backend failed (I/O, disk full, connection lost).
+    Backend(String),
+    /// A record could not be decoded.
+    Corrupt(String),
+    /// A flush (the durability step) failed.
+    Flush(String),
+}
+
+impl std::fmt::Display for StoreError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreError::Backend(e) => write!(f, "store: {e}"),
+            StoreError::Corrupt(e) => write!(f, "corrupt record: {e}"),
+            StoreError::Flush(e) => write!(f, "flush failed: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for StoreError {}
+
+impl From<super::codec::DecodeError> for StoreError {
+    fn from(e: super::codec::DecodeError) -> Self {
+        StoreError::Corrupt(e.to_string())
+    }
+}
+
+/// Why a store did not open; each has a message an operator can act on.
+#[derive(Debug)]
+pub enum OpenError {
+    /// Another process (a running server) holds the data dir.
+    Locked(PathBuf),
+    NewerSchema {
+        found: u64,
+        path: PathBuf,
+    },
+    Io {
+        path: PathBuf,
+        cause: String,
+    },
+}
+
+impl std::fmt::Display for OpenError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            OpenError::Locked(path) => write!(
+                f,
+                "the data dir {} is in use by another totpd process (a running server?)",
+                path.display()
+            ),
+            OpenError::NewerSchema { found, path } => write!(
+                f,
+                "the data dir {} has schema version {found}, newer than this totpd understands \
+                 ({SCHEMA_VERSION}); use a newer totpd",
+                path.display()
+            ),
+            OpenError::Io { path, cause } => {
+                write!(f, "cannot open the data dir {}: {cause}", path.display())
+            }
+        }
+    }
+}
+
+impl std::error::Error for OpenError {}
+
+/// The name asked for is taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UsernameTaken;
+
+/// What a change of a user writes besides the user, in the same durable step.
+#[derive(Debug, Default)]
+pub struct Writes {
+    /// A login key to store.
+    pub key: Option<(Digest, LoginKey)>,
+    /// A temp token to index (digest, expiry); its state lives in the user.
+    pub temp_token: Option<(Digest, UnixTime)>,
+    /// Audit events describing the change.
+    pub events: Vec<AuditEvent>,
+}
+
+/// A change of one user: a pure function, re-run on a fresh copy after a conflict. It mutates
+/// the user (written back only if it changed) and says what else to write.
+pub type UserChange<'a> = dyn FnMut(&mut User) -> Writes + Send + 'a;
+
+/// One record of a backup: `kind` is `users`, `keys`, `audit` or `meta` (the names of the
+/// backup file format, see `ops::backup`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackupRecord {
+    pub kind: String,
+    pub key: Vec<u8>,
+    pub value: Vec<u8>,
+}
+
+/// Figures for `/metrics`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    /// (users, users with TOTP active), once counted after start.
+    pub counts: Option<(u64, u64)>,
+    pub bytes_on_disk: u64,
+    pub flushes: u64,
+    pub acknowledged_writes: u64,
+}
+
+#[async_trait]
+pub trait Store: Send + Sync {
+    async fn user(&self, id: UserId) -> Result<Option<User>, StoreError>;
+    async fn user_by_name(&self, username: &str) -> Result<Option<User>, StoreError>;
+    /// The login key `digest` and its user, if both exist (validity is the domain's question).
+    async fn user_by_key(&self, digest: &Digest) -> Result<Option<(LoginKey, User)>, StoreError>;
+    /// The user a temp token was issued to, if the token is indexed.
+    async fn user_by_temp_token(&self, digest: &Digest) -> Result<Option<User>, StoreError>;
+    /// Up to `limit` users with ids above `after`, in id order.
+    async fn users(&self, after: Option<UserId>, limit: usize) -> Result<Vec<User>, StoreError>;
+    /// Audit events from `since` on, oldest first.
+    async fn events(&self, since: UnixTime) -> Result<Vec<AuditEvent>, StoreError>;
+
+    /// Creates a user with a fresh id that no user, past or present, has had. Never replaces a
+    /// record. `event` is written with it (its user id and name are filled in).
+    async fn create_user(
+        &self,
+        username: &str,
+        password_hash: &str,
+        now: UnixTime,
+        event: AuditEvent,
+    ) -> Result<Result<User, UsernameTaken>, StoreError>;
+    /// Applies `change` to the user atomically; the user as written, or `None` if no such user.
+    async fn update_user(
+        &self,
+        id: UserId,
+        change: &mut UserChange<'_>,
+    ) -> Result<Option<User>, StoreError>;
+    /// Deletes a user (their keys and temp tokens stop resolving and are swept later).
+    async fn remove_user(
+        &self,
+        id: UserId,
+        events: Vec<AuditEvent>,
+    ) -> Result<Option<User>, StoreError>;
+    /// Deletes a login key; false if it did not exist.
+    async fn revoke_key(
+        &self,
+        digest: &Digest,
+        events: Vec<AuditEvent>,
+    ) -> Result<bool, StoreError>;
+    /// Notes a key's last use (best effort: losing it only shortens the idle timeout).
+    async fn touch_key(&self, digest: &Digest, now: UnixTime) -> Result<(), StoreError>;
+    async fn record_events(&self, events: Vec<AuditEvent>) -> Result<(), StoreError>;
+    /// Deletes expired temp-token index entries, keys past `lifetime`, and audit events older
+    /// than `audit_cutoff`; returns how many records went.
+    async fn sweep(
+        &self,
+        now: UnixTime,
+        lifetime: KeyLifetime,
+        audit_cutoff: UnixTime,
+    ) -> Result<usize, StoreError>;
+
+    /// The sealed record that proves which master key this store's secrets are sealed under.
+    async fn master_key_check(&self) -> Result<Option<StoredSecret>, StoreError>;
+    async fn set_master_key_check(&self, check: &StoredSecret) -> Result<(), StoreError>;
+
+    /// Sends every record, as one consistent snapshot, to `sink`; returns how many.
+    async fn export(
+        &self,
+        sink: tokio::sync::mpsc::Sender<BackupRecord>,
+    ) -> Result<u64, StoreError>;
+    /// Writes one backup record into this (empty) store; indexes are rebuilt from the records.
+    async fn import(&self, record: BackupRecord) -> Result<(), StoreError>;
+
+    /// Whether the store answers a read.
+    async fn healthy(&self) -> bool;
+    /// Counts users (a full scan: the server runs it in the background after start).
+    async fn recount(&self) -> Result<(), StoreError>;
+    fn stats(&self) -> StoreStats;
+    /// Makes everything written so far durable (shutdown, the CLI).
+    async fn close(&self) -> Result<(), StoreError>;
+}
