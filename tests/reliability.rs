@@ -250,3 +250,72 @@ fn one_address_cannot_hold_more_than_its_share_of_connections() {
         "per-address cap: 4th connection closed after {refused_after:?}"
     ));
 }
+
+/// Logins whose clients hang up a few milliseconds after sending must not start more Argon2 runs
+/// than `hash_threads`: the permit lives as long as the hash, so the blocking pool (and the
+/// server's thread count) stays small while the abandoned hashes drain.
+#[test]
+fn abandoned_logins_do_not_escape_the_hashing_limit() {
+    const LOGINS: usize = 60;
+    const HASH_THREADS: usize = 1;
+    // Costly enough (tens of ms or more in a debug build) that the abandoned hashes overlap.
+    let server = Server::start(&[
+        ("TOTPD_HASH_THREADS", "1"),
+        ("TOTPD_ARGON2_MEMORY_KIB", "8192"),
+        ("TOTPD_ARGON2_ITERATIONS", "2"),
+    ]);
+    let addr = server.addr;
+    let body = r#"{"username":"nobody","password":"wrong password"}"#;
+    let request = format!(
+        "POST /api/v1/auth/login/ HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    // One complete login first: it times a hash and warms the blocking pool.
+    let started = Instant::now();
+    let mut warm = TcpStream::connect(addr).expect("connect");
+    warm.set_read_timeout(Some(Duration::from_secs(60)))
+        .expect("timeout");
+    warm.write_all(request.as_bytes()).expect("write");
+    assert_eq!(status_of(&mut warm), Ok(400), "an unknown user's login");
+    let hash_time = started.elapsed();
+    drop(warm);
+    std::thread::sleep(Duration::from_millis(300));
+    let baseline = server.threads();
+
+    // Each client hangs up 5 ms after its request, one after the other, as impatient clients
+    // do; meanwhile a thread watches the server's thread count.
+    let watching = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let watcher = {
+        let watching = std::sync::Arc::clone(&watching);
+        let pid = server.child.id();
+        std::thread::spawn(move || {
+            let mut peak = 0;
+            while watching.load(std::sync::atomic::Ordering::Relaxed) {
+                peak = peak.max(threads_of(pid));
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            peak
+        })
+    };
+    for _ in 0..LOGINS {
+        let mut stream = TcpStream::connect(addr).expect("connect");
+        stream.write_all(request.as_bytes()).expect("write");
+        std::thread::sleep(Duration::from_millis(5));
+        drop(stream);
+    }
+    // Let whatever was started drain.
+    std::thread::sleep((hash_time * 3).max(Duration::from_millis(1000)));
+    watching.store(false, std::sync::atomic::Ordering::Relaxed);
+    let peak = watcher.join().expect("watcher");
+    report(&format!(
+        "abandoned logins: one hash {hash_time:?}, threads {baseline} before, peak {peak} \
+         after {LOGINS} abandoned logins"
+    ));
+    let bound = baseline + HASH_THREADS + 4;
+    assert!(
+        peak <= bound,
+        "{peak} threads (bound {bound}): abandoned hashes ran beyond hash_threads"
+    );
+    assert_eq!(health(addr, Duration::from_secs(30)), Ok(200));
+}
