@@ -319,3 +319,83 @@ fn abandoned_logins_do_not_escape_the_hashing_limit() {
     );
     assert_eq!(health(addr, Duration::from_secs(30)), Ok(200));
 }
+
+/// `totpd backup FILE` on `data_dir`, without a server.
+fn backup(dir: &Path, file: &Path) -> std::process::Output {
+    common::totpd(dir, &dir.join("data"))
+        .arg("backup")
+        .arg(file)
+        .output()
+        .expect("run backup")
+}
+
+fn partial_of(file: &Path) -> PathBuf {
+    let mut name = file.as_os_str().to_owned();
+    name.push(".partial");
+    PathBuf::from(name)
+}
+
+/// A symlink planted at `FILE.partial` is never followed: its target keeps its bytes, the
+/// backup is refused with a message naming the link, and nothing else is written.
+#[test]
+fn backup_never_follows_a_symlink_at_its_temporary_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let victim = dir.path().join("victim");
+    std::fs::write(&victim, "precious").expect("victim");
+    let file = dir.path().join("backup.bin");
+    std::os::unix::fs::symlink(&victim, partial_of(&file)).expect("plant the symlink");
+    let out = backup(dir.path(), &file);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        std::fs::read_to_string(&victim).expect("victim"),
+        "precious",
+        "the backup wrote through the symlink ({stderr})"
+    );
+    assert!(!out.status.success(), "the backup went ahead: {stderr}");
+    assert!(
+        stderr.contains("backup.bin.partial") && stderr.contains("not a regular file"),
+        "{stderr}"
+    );
+    assert!(!file.exists(), "no backup was written");
+    assert!(
+        std::fs::symlink_metadata(partial_of(&file))
+            .expect("still there")
+            .file_type()
+            .is_symlink(),
+        "the link is left for the operator to inspect"
+    );
+}
+
+/// A stale `FILE.partial` from a crashed backup (a regular file of ours, mode 0644) and an
+/// old 0644 `FILE` do not make the new backup 0644: it is always 0600, and it restores.
+#[test]
+fn a_backup_is_always_0600_whatever_was_there_before() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("backup.bin");
+    let partial = partial_of(&file);
+    std::fs::write(&partial, "stale bytes of a crashed backup").expect("stale partial");
+    std::fs::set_permissions(&partial, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    std::fs::write(&file, "an older backup").expect("old backup");
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let out = backup(dir.path(), &file);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mode = std::fs::metadata(&file).expect("backup").mode() & 0o777;
+    assert_eq!(mode, 0o600, "the backup is {mode:o}");
+    assert!(!partial.exists(), "the temporary file was renamed");
+    // And it is a real backup, not the stale bytes.
+    let restored = dir.path().join("restored");
+    let out = common::totpd(dir.path(), &restored)
+        .arg("restore")
+        .arg(&file)
+        .output()
+        .expect("restore");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
