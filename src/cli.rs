@@ -99,6 +99,10 @@ enum UserCommand {
 
 /// Parses the command line and runs the command.
 pub fn run() -> ExitCode {
+    // Everything totpd creates (sled's files, the master key, backups, the admin socket) is for
+    // its user alone; sled creates its files with the process umask, so set it before anything.
+    #[cfg(unix)]
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
     let cli = Cli::parse();
     let listen = match &cli.command {
         Some(Command::Serve { listen }) => listen.clone(),

@@ -399,3 +399,92 @@ fn a_backup_is_always_0600_whatever_was_there_before() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Every entry below `dir` whose mode lets group or others in.
+fn open_to_others(dir: &Path) -> Vec<String> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(path) = stack.pop() {
+        let meta = std::fs::symlink_metadata(&path).expect("metadata");
+        if meta.mode() & 0o077 != 0 {
+            found.push(format!("{} {:o}", path.display(), meta.mode() & 0o7777));
+        }
+        if meta.is_dir() {
+            for entry in std::fs::read_dir(&path).expect("read_dir") {
+                stack.push(entry.expect("entry").path());
+            }
+        }
+    }
+    found
+}
+
+/// A data dir that already exists with mode 0755 is made 0700 at start, and every file totpd
+/// and sled create below it (database, master key, admin socket) is private to the owner.
+#[test]
+fn an_existing_open_data_dir_is_made_private_and_so_is_everything_in_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).expect("data dir");
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let server = Server::start_in(dir, &[("TOTPD_ALLOW_REGISTRATION", "true")]);
+    // Some writes, so that sled has created its files.
+    let body = r#"{"username":"alice","password":"password123"}"#;
+    let mut stream = TcpStream::connect(server.addr).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    write!(
+        stream,
+        "POST /api/v1/auth/register/ HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("write");
+    assert_eq!(status_of(&mut stream), Ok(201));
+    let mode = std::fs::metadata(server.data_dir()).expect("data").mode() & 0o777;
+    assert_eq!(mode, 0o700, "the data dir is {mode:o}");
+    let open = open_to_others(&server.data_dir());
+    assert!(open.is_empty(), "open to others: {open:#?}");
+    // The database is really there (the walk looked at something).
+    assert!(server.data_dir().join("db").join("conf").exists());
+}
+
+/// A too-open data dir that belongs to another user is not silently chmod-ed (not even by
+/// root): the start stops with a message saying what to do.
+#[test]
+fn an_open_data_dir_of_another_user_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).expect("data dir");
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    // Giving a directory away needs root; as anyone else the case cannot be set up here.
+    if std::os::unix::fs::chown(&data, Some(54_321), None).is_err() {
+        report("data dir of another user: not root, cannot give a directory away; skipped");
+        return;
+    }
+    let mut child = common::totpd(dir.path(), &data)
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    // A refusal is immediate; a server that is still running after this started instead.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while child.try_wait().expect("wait").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("it started on another user's 0755 data dir");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().expect("output");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "it started: {stderr}");
+    assert!(
+        stderr.contains("owned by uid 54321") && stderr.contains("chmod 700"),
+        "{stderr}"
+    );
+    let mode = std::fs::metadata(&data).expect("data").mode() & 0o777;
+    assert_eq!(mode, 0o755, "another user's directory was changed");
+}
