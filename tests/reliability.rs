@@ -488,3 +488,28 @@ fn an_open_data_dir_of_another_user_is_refused() {
     let mode = std::fs::metadata(&data).expect("data").mode() & 0o777;
     assert_eq!(mode, 0o755, "another user's directory was changed");
 }
+
+/// The admin socket is 0600 as soon as the server listens, and a client running as the
+/// server's own user (this test) is served through it.
+#[test]
+fn the_admin_socket_is_private_and_serves_its_own_user() {
+    let server = Server::start(&[]);
+    let socket = server.data_dir().join("admin.sock");
+    let mode = std::fs::metadata(&socket).expect("socket").mode() & 0o777;
+    assert_eq!(mode, 0o600, "the socket is {mode:o}");
+    let out = common::totpd(server.dir.path(), &server.data_dir())
+        .args(["user", "list"])
+        .output()
+        .expect("user list");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("NAME"));
+    assert!(
+        !server.log().contains("refused"),
+        "the server's own user was refused: {}",
+        server.log()
+    );
+}
