@@ -57,6 +57,8 @@ enum Command {
     Healthcheck,
     /// Re-seal every TOTP secret under a new master key (the server must not run)
     RotateKey,
+    /// List risky settings (the warnings serve logs at start-up); exit 1 when there is one
+    CheckConfig,
     /// Print the audit trail of security events
     Events {
         /// Only this user's events
@@ -138,6 +140,7 @@ fn execute(command: Option<Command>, config: &Config) -> Result<(), String> {
         Some(Command::Restore { file }) => return restore(config, &file),
         Some(Command::Healthcheck) => return healthcheck(config),
         Some(Command::RotateKey) => return rotate_key(config),
+        Some(Command::CheckConfig) => return check_config(config),
         Some(Command::User(UserCommand::Add {
             name,
             password_stdin,
@@ -236,6 +239,11 @@ fn serve(config: Config) -> Result<(), String> {
     // Checked before anything is created in the data dir.
     let tls = crate::tls::acceptor(&config)?;
     let state = AppState::build(config, Arc::new(SystemClock)).map_err(|e| e.to_string())?;
+    // After build, so a master key file made on this first start is looked at too.
+    let master_key_mode = crate::warnings::master_key_mode(&state.config);
+    for warning in crate::warnings::risky_settings(&state.config, master_key_mode) {
+        tracing::warn!(target: "totpd::config", "risky setting: {warning}");
+    }
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(listen)
             .await
@@ -285,6 +293,21 @@ fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>, String> {
             let _ = tokio::signal::ctrl_c().await;
         })
     }
+}
+
+/// Prints the risky settings, one per line. Exit code 1 when there is one, so a deployment
+/// script can stop on it; nothing is created or opened.
+fn check_config(config: &Config) -> Result<(), String> {
+    let warnings =
+        crate::warnings::risky_settings(config, crate::warnings::master_key_mode(config));
+    if warnings.is_empty() {
+        println!("no risky settings");
+        return Ok(());
+    }
+    for warning in &warnings {
+        println!("{warning}");
+    }
+    Err(format!("{} risky settings", warnings.len()))
 }
 
 fn restore(config: &Config, file: &Path) -> Result<(), String> {

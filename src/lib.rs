@@ -31,6 +31,7 @@ pub mod service;
 pub mod store;
 pub mod tls;
 pub mod totp;
+pub mod warnings;
 
 use std::sync::Arc;
 

@@ -513,3 +513,59 @@ fn the_admin_socket_is_private_and_serves_its_own_user() {
         server.log()
     );
 }
+
+/// Trusting every address as a proxy is logged at start-up, one warning line naming the key;
+/// without it there is no such line.
+#[test]
+fn risky_settings_are_logged_at_start_up() {
+    let risky = Server::start(&[("TOTPD_TRUSTED_PROXIES", "10.0.0.1,0.0.0.0/0")]);
+    let log = risky.log();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("WARN") && l.contains("trusted_proxies"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{log}");
+    assert!(lines[0].contains("0.0.0.0/0"), "{}", lines[0]);
+    let safe = Server::start(&[("TOTPD_TRUSTED_PROXIES", "10.0.0.1")]);
+    assert!(!safe.log().contains("trusted_proxies"), "{}", safe.log());
+}
+
+/// `totpd check-config` lists every risky setting, one line each, and exits 1; with a safe
+/// configuration it says so and exits 0.
+#[test]
+fn check_config_lists_risky_settings() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let run = |env: &[(&str, &str)]| {
+        let mut command: Command = common::totpd(dir.path(), &dir.path().join("data"));
+        // Secure Argon2 unless the case says otherwise (the test helper makes it cheap).
+        command
+            .env("TOTPD_ARGON2_MEMORY_KIB", "19456")
+            .env("TOTPD_ARGON2_ITERATIONS", "2");
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        command.arg("check-config").output().expect("check-config")
+    };
+    let safe = run(&[]);
+    assert!(
+        safe.status.success(),
+        "{}",
+        String::from_utf8_lossy(&safe.stderr)
+    );
+    assert!(String::from_utf8_lossy(&safe.stdout).contains("no risky settings"));
+    // It only looks: nothing is created.
+    assert!(!dir.path().join("data").exists());
+
+    let risky = run(&[
+        ("TOTPD_TRUSTED_PROXIES", "::/0"),
+        ("TOTPD_LISTEN", "0.0.0.0:8000"),
+        ("TOTPD_ARGON2_MEMORY_KIB", "64"),
+    ]);
+    assert_eq!(risky.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&risky.stdout);
+    // trusted_proxies, plain HTTP off loopback, open /metrics off loopback, weak Argon2.
+    assert_eq!(stdout.lines().count(), 4, "{stdout}");
+    for needle in ["trusted_proxies", "tls_cert", "metrics_allow", "argon2"] {
+        assert!(stdout.contains(needle), "{needle} missing in {stdout}");
+    }
+}
