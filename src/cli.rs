@@ -54,6 +54,8 @@ enum Command {
     Healthcheck,
     /// Re-seal every TOTP secret under a new master key (the server must not run)
     RotateKey,
+    /// List risky settings (the warnings serve logs at start-up); exit 1 when there is one
+    CheckConfig,
     /// Print the audit trail of security events
     Events {
         /// Only this user's events
@@ -96,6 +98,10 @@ enum UserCommand {
 
 /// Parses the command line and runs the command.
 pub fn run() -> ExitCode {
+    // Everything totpd creates (sled's files, the master key, backups, the admin socket) is for
+    // its user alone; sled creates its files with the process umask, so set it before anything.
+    #[cfg(unix)]
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
     let cli = Cli::parse();
     let listen = match &cli.command {
         Some(Command::Serve { listen }) => listen.clone(),
@@ -131,6 +137,7 @@ fn execute(command: Option<Command>, config: &Config) -> Result<(), String> {
         Some(Command::Restore { file }) => return restore(config, &file),
         Some(Command::Healthcheck) => return healthcheck(config),
         Some(Command::RotateKey) => return rotate_key(config),
+        Some(Command::CheckConfig) => return check_config(config),
         Some(Command::User(UserCommand::Add {
             name,
             password_stdin,
@@ -231,6 +238,11 @@ fn serve(config: Config) -> Result<(), String> {
     runtime()?.block_on(async move {
         let data_dir = config.data_dir.clone();
         let app = Application::build(config, Arc::new(SystemClock)).await?;
+        // After build, so a master key file made on this first start is looked at too.
+        let master_key_mode = crate::warnings::master_key_mode(app.config());
+        for warning in crate::warnings::risky_settings(app.config(), master_key_mode) {
+            tracing::warn!(target: "totpd::config", "risky setting: {warning}");
+        }
         let shutdown = shutdown_signal()?;
         let addr = app.local_addr();
         let mut stdout = std::io::stdout();
@@ -264,6 +276,21 @@ fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>, String> {
             let _ = tokio::signal::ctrl_c().await;
         })
     }
+}
+
+/// Prints the risky settings, one per line. Exit code 1 when there is one, so a deployment
+/// script can stop on it; nothing is created or opened.
+fn check_config(config: &Config) -> Result<(), String> {
+    let warnings =
+        crate::warnings::risky_settings(config, crate::warnings::master_key_mode(config));
+    if warnings.is_empty() {
+        println!("no risky settings");
+        return Ok(());
+    }
+    for warning in &warnings {
+        println!("{warning}");
+    }
+    Err(format!("{} risky settings", warnings.len()))
 }
 
 fn restore(config: &Config, file: &Path) -> Result<(), String> {

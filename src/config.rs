@@ -33,8 +33,13 @@ pub struct Config {
     /// Threads that may run Argon2 at once; 0 means one per CPU core but one.
     pub hash_threads: usize,
     pub max_connections: usize,
+    /// Open connections served at once from one client address (trusted proxies are exempt).
+    pub max_connections_per_ip: usize,
     pub header_read_timeout: u64,
     pub body_read_timeout: u64,
+    /// Seconds an answer may wait on a client that does not read it before the connection is
+    /// closed.
+    pub write_timeout: u64,
     pub require_code_to_deactivate: bool,
     pub lockout: LockPolicy,
     /// Per client IP, for login, register, activate and verify.
@@ -109,8 +114,10 @@ impl Default for Config {
             argon2: Argon2Settings::default(),
             hash_threads: 0,
             max_connections: 1024,
+            max_connections_per_ip: 64,
             header_read_timeout: 10,
             body_read_timeout: 10,
+            write_timeout: 10,
             require_code_to_deactivate: false,
             lockout: LockPolicy::default(),
             ip_rate: Rate {
@@ -323,10 +330,14 @@ pub const KEYS: &[Key] = &[
     Key::integer("max_connections", 1, 1_000_000, |c, v| {
         c.max_connections = v as usize;
     }),
+    Key::integer("max_connections_per_ip", 1, 1_000_000, |c, v| {
+        c.max_connections_per_ip = v as usize;
+    }),
     Key::integer("header_read_timeout", 1, 600, |c, v| {
         c.header_read_timeout = v;
     }),
     Key::integer("body_read_timeout", 1, 600, |c, v| c.body_read_timeout = v),
+    Key::integer("write_timeout", 1, 600, |c, v| c.write_timeout = v),
     Key::integer("key_ttl", 60, 10 * 365 * DAY, |c, v| c.key_ttl = v),
     Key::integer("key_idle_ttl", 60, 10 * 365 * DAY, |c, v| {
         c.key_idle_ttl = v

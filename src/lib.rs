@@ -26,3 +26,4 @@ pub mod limits;
 pub mod metrics;
 pub mod service;
 pub mod store;
+pub mod warnings;

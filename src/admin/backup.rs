@@ -10,7 +10,7 @@
 
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use tokio::sync::mpsc;
 
@@ -56,14 +56,20 @@ pub async fn write(service: &Service, path: &Path) -> Result<u64, String> {
 }
 
 fn write_file(path: &Path, mut records: mpsc::Receiver<BackupRecord>) -> Result<u64, String> {
-    let tmp = path.with_extension("partial");
+    let tmp = partial_path(path);
+    remove_stale_partial(&tmp)?;
+    // Created exclusively (O_CREAT|O_EXCL never follows a symlink and never reuses a file with
+    // other permissions) and 0600 from the first byte: the backup holds every record.
     let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
+    options.write(true).create_new(true);
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    let file = options
-        .open(&tmp)
-        .map_err(|e| format!("cannot create {}: {e}", tmp.display()))?;
+    let file = options.open(&tmp).map_err(|e| {
+        format!(
+            "cannot create {}: {e} (something else created it meanwhile?)",
+            tmp.display()
+        )
+    })?;
     let mut out = Hashing {
         inner: BufWriter::new(file),
         hasher: blake3::Hasher::new(),
@@ -94,6 +100,41 @@ fn write_file(path: &Path, mut records: mpsc::Receiver<BackupRecord>) -> Result<
     file.sync_all().map_err(io)?;
     std::fs::rename(&tmp, path).map_err(|e| format!("cannot rename to {}: {e}", path.display()))?;
     Ok(count)
+}
+
+/// `<file>.partial`, beside the backup so the final rename stays on one file system.
+fn partial_path(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".partial");
+    PathBuf::from(name)
+}
+
+/// A `.partial` left by a crashed backup is removed when it is a regular file of ours: it can
+/// hold nothing but an unfinished backup of our own. Anything else there (a symlink, a
+/// directory, another user's file) is not ours to touch: the backup stops and says so. (Even if
+/// it is swapped after this check, `create_new` refuses it, and unlinking a planted symlink
+/// would not touch its target.)
+fn remove_stale_partial(tmp: &Path) -> Result<(), String> {
+    let meta = match std::fs::symlink_metadata(tmp) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(format!("cannot inspect {}: {e}", tmp.display())),
+    };
+    #[cfg(unix)]
+    let ours = {
+        use std::os::unix::fs::MetadataExt;
+        meta.uid() == rustix::process::geteuid().as_raw()
+    };
+    #[cfg(not(unix))]
+    let ours = true;
+    if !meta.file_type().is_file() || !ours {
+        return Err(format!(
+            "{} exists and is not a regular file of this user (a symlink or someone else's \
+             file?): refusing to write through it; inspect and remove it, then run the backup again",
+            tmp.display()
+        ));
+    }
+    std::fs::remove_file(tmp).map_err(|e| format!("cannot remove the stale {}: {e}", tmp.display()))
 }
 
 /// One record as read back.

@@ -263,11 +263,25 @@ pub fn bind_socket(data_dir: &Path) -> Result<tokio::net::UnixListener, String> 
     use std::os::unix::fs::PermissionsExt;
     let path = socket_path(data_dir);
     let _ = std::fs::remove_file(&path);
-    let listener = tokio::net::UnixListener::bind(&path)
-        .map_err(|e| format!("cannot create the admin socket {}: {e}", path.display()))?;
+    // bind() creates the socket with the process umask and chmod comes after: under umask 077
+    // it is owner-only from its first instant. (The umask is process-wide; anything another
+    // thread creates meanwhile is owner-only too, which is what totpd wants anyway, and
+    // `cli::run` has set 077 already. It matters for servers started as a library.)
+    let previous = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
+    let bound = tokio::net::UnixListener::bind(&path);
+    rustix::process::umask(previous);
+    let listener =
+        bound.map_err(|e| format!("cannot create the admin socket {}: {e}", path.display()))?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
         .map_err(|e| format!("cannot restrict the admin socket {}: {e}", path.display()))?;
     Ok(listener)
+}
+
+/// Whether a client of the admin socket running as `peer_uid` may administer a server running
+/// as `own_uid`: only the same user. (The socket's mode says the same; this holds even if the
+/// file's mode or a directory above it were loosened.)
+pub fn peer_allowed(peer_uid: u32, own_uid: u32) -> bool {
+    peer_uid == own_uid
 }
 
 /// Answers administration requests on `listener` until the task is dropped.
@@ -279,13 +293,41 @@ pub async fn serve_socket(
 ) {
     use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 
+    let own_uid = rustix::process::geteuid().as_raw();
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
         let (service, clock) = (Arc::clone(&service), Arc::clone(&clock));
         tokio::spawn(async move {
+            // SO_PEERCRED: the uid the kernel recorded when the client connected.
+            let refusal = match stream.peer_cred() {
+                Ok(peer) if peer_allowed(peer.uid(), own_uid) => None,
+                Ok(peer) => {
+                    tracing::warn!(
+                        peer_uid = peer.uid(),
+                        peer_pid = peer.pid(),
+                        own_uid,
+                        "admin socket: refused a client running as another user"
+                    );
+                    Some(format!(
+                        "refused: the server administers only for its own user (uid {own_uid}); \
+                         run the command as that user"
+                    ))
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin socket: cannot identify a client; refused");
+                    Some("refused: the client could not be identified".to_owned())
+                }
+            };
             let (read, mut write) = stream.into_split();
+            if let Some(output) = refusal {
+                let response = AdminResponse { ok: false, output };
+                let mut answer = serde_json::to_string(&response).unwrap_or_default();
+                answer.push('\n');
+                let _ = write.write_all(answer.as_bytes()).await;
+                return;
+            }
             let mut line = String::new();
             let mut reader = tokio::io::BufReader::new(read).take(1024 * 1024);
             if reader.read_line(&mut line).await.is_err() {
@@ -305,5 +347,22 @@ pub async fn serve_socket(
             answer.push('\n');
             let _ = write.write_all(answer.as_bytes()).await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_servers_own_user_may_administer() {
+        assert!(peer_allowed(1000, 1000));
+        assert!(peer_allowed(0, 0));
+        assert!(!peer_allowed(1001, 1000));
+        assert!(
+            !peer_allowed(0, 1000),
+            "not even root: run the command as the server's user"
+        );
+        assert!(!peer_allowed(1000, 0));
     }
 }

@@ -9,6 +9,7 @@
 //! - [`server`]: the connection loop; [`tls`]: certificates; [`qr`]: the QR code of setup.
 //! - [`web`]: the self-service page, three embedded files that only call the API.
 
+pub mod connection;
 pub mod filters;
 pub mod handlers;
 pub mod qr;

@@ -1,6 +1,7 @@
 //! The HTTP/1.1 server around the warp routes. warp's own `serve` sets no timeouts and no
 //! connection limit, so totpd drives hyper itself: a header-read timeout (which also closes idle
-//! keep-alive connections), a cap on open connections, optional TLS, graceful shutdown that
+//! keep-alive connections), a write timeout for answers a client does not read, caps on open
+//! connections in all and per client address, optional TLS, graceful shutdown that
 //! finishes requests in flight, and one layer every request passes through — it gets a request
 //! id (`X-Request-Id`), its client address, is counted in the metrics and logged in one line.
 
@@ -20,6 +21,7 @@ use warp::Filter;
 use warp::http::HeaderValue;
 
 use super::SharedState;
+use super::connection::{PerAddressCap, WriteDeadline};
 use super::filters::ClientAddr;
 use super::routes::route_label;
 use crate::limits::client_ip;
@@ -40,6 +42,11 @@ pub async fn serve(
     // The filter tree is built once and shared: a request clones one `Arc`.
     let routes = warp::service(super::routes::routes(&state).boxed());
     let permits = Arc::new(Semaphore::new(state.config.max_connections));
+    let per_address = PerAddressCap::new(
+        state.config.max_connections_per_ip,
+        state.config.trusted_proxies.clone(),
+    );
+    let write_timeout = Duration::from_secs(state.config.write_timeout);
     let graceful = GracefulShutdown::new();
     let header_timeout = Duration::from_secs(state.config.header_read_timeout);
     let mut http = hyper::server::conn::http1::Builder::new();
@@ -68,6 +75,12 @@ pub async fn serve(
             },
             () = &mut shutdown => break,
         };
+        // Beyond its share, a client's new connection is closed at once (its global permit is
+        // released with it), so one address cannot take every slot.
+        let Some(address_slot) = per_address.try_acquire(peer.ip()) else {
+            tracing::debug!(%peer, "connection closed: too many open from this address");
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let routes = routes.clone();
         let state = SharedState::clone(&state);
@@ -80,6 +93,7 @@ pub async fn serve(
         tokio::spawn(async move {
             match tls {
                 None => {
+                    let stream = WriteDeadline::new(stream, write_timeout);
                     let connection =
                         watcher.watch(http.serve_connection(TokioIo::new(stream), service));
                     finish(connection.await, peer);
@@ -88,6 +102,7 @@ pub async fn serve(
                     // The handshake counts against the header timeout too.
                     match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
                         Ok(Ok(stream)) => {
+                            let stream = WriteDeadline::new(stream, write_timeout);
                             let connection =
                                 watcher.watch(http.serve_connection(TokioIo::new(stream), service));
                             finish(connection.await, peer);
@@ -98,6 +113,7 @@ pub async fn serve(
                 }
             }
             drop(permit);
+            drop(address_slot);
         });
     }
 

@@ -5,7 +5,7 @@ use super::core::{Ctx, Service, Session, event, named_event};
 use super::input::{Credentials, PasswordChange};
 use crate::domain::audit::EventKind;
 use crate::domain::keys::{self, KeyCheck};
-use crate::domain::login::{self, PasswordStep};
+use crate::domain::login::{self, PasswordChanged, PasswordStep};
 use crate::domain::secrets;
 use crate::domain::user::{PendingLogin, User};
 use crate::error::{Error, FieldError};
@@ -72,20 +72,45 @@ impl Service {
             self.store.record_events(vec![throttled]).await?;
             return Err(Error::Throttled { wait });
         }
-        let user = self.store.user_by_name(&input.username).await?;
+        // A second round only when the stored hash changed while the first was checking the
+        // password: a rehash (same password, still right) or a password change (then wrong).
+        for _round in 0..2 {
+            match self
+                .check_password_and_issue(&input.username, &input.password, ctx)
+                .await?
+            {
+                Some(Ok(result)) => {
+                    self.login_failures.give_back(&input.username);
+                    return Ok(result);
+                }
+                Some(Err(PasswordChanged)) => continue,
+                None => break,
+            }
+        }
+        let failed = named_event(ctx, EventKind::Login, None, Some(&input.username), "failed");
+        self.store.record_events(vec![failed]).await?;
+        Err(Error::InvalidCredentials)
+    }
+
+    /// One round of the password step: `None` when the password is wrong (or there is no
+    /// such user), else what issuing gave — refused if the hash checked is no longer stored.
+    async fn check_password_and_issue(
+        &self,
+        username: &str,
+        password: &str,
+        ctx: &Ctx,
+    ) -> Result<Option<Result<LoginResult, PasswordChanged>>, Error> {
+        let user = self.store.user_by_name(username).await?;
         let checked = user.as_ref().map(|u| u.password_hash.clone());
-        let password = input.password;
         let valid = self
             .hasher
-            .verify(password.clone(), checked.clone())
+            .verify(password.to_owned(), checked.clone())
             .await?;
         let (Some(user), Some(checked), true) = (user, checked, valid) else {
-            let failed = named_event(ctx, EventKind::Login, None, Some(&input.username), "failed");
-            self.store.record_events(vec![failed]).await?;
-            return Err(Error::InvalidCredentials);
+            return Ok(None);
         };
         let rehashed = match self.hasher.needs_rehash(&checked) {
-            true => Some(self.hasher.hash(password).await?),
+            true => Some(self.hasher.hash(password.to_owned()).await?),
             false => None,
         };
         let (temp_token, temp_digest) = secrets::new_temp_token()?;
@@ -117,29 +142,21 @@ impl Service {
                         writes.key = Some((key_digest, keys::new_key(user, epoch, ctx.now)));
                         writes.events = vec![event(ctx, EventKind::Login, Some(user), "ok")];
                     }
-                    Err(_) => {
-                        writes.events =
-                            vec![event(ctx, EventKind::Login, Some(user), "password_changed")];
-                    }
+                    Err(PasswordChanged) => {}
                 }
                 (step, writes)
             })
             .await?;
-        match step {
-            Some(Ok(PasswordStep::TotpRequired)) => {
-                self.login_failures.give_back(&input.username);
-                Ok(LoginResult::TotpRequired {
-                    temp_token,
-                    expires_in: self.policy.temp_token_ttl,
-                })
-            }
-            Some(Ok(PasswordStep::Key { .. })) => {
-                self.login_failures.give_back(&input.username);
-                Ok(LoginResult::Key(key))
-            }
-            // Deleted, or the password changed while it was being checked.
-            None | Some(Err(_)) => Err(Error::InvalidCredentials),
-        }
+        Ok(match step {
+            Some(Ok(PasswordStep::TotpRequired)) => Some(Ok(LoginResult::TotpRequired {
+                temp_token,
+                expires_in: self.policy.temp_token_ttl,
+            })),
+            Some(Ok(PasswordStep::Key { .. })) => Some(Ok(LoginResult::Key(key))),
+            Some(Err(changed)) => Some(Err(changed)),
+            // Deleted meanwhile.
+            None => None,
+        })
     }
 
     /// Resolves `Authorization: Token <key>` to a session, or the 403 to answer. Revoked keys

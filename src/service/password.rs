@@ -135,14 +135,20 @@ impl PasswordHasher {
         &self,
         job: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, HashError> {
-        let _permit = self
-            .permits
-            .acquire()
+        // The permit goes into the blocking job: when the request is dropped (its client hung
+        // up), the hash still runs to its end on the blocking pool, and the permit must stay
+        // taken until then, or abandoned requests would start hashes beyond `hash_threads`.
+        let permit = Arc::clone(&self.permits)
+            .acquire_owned()
             .await
             .map_err(|_| HashError::Cancelled)?;
-        tokio::task::spawn_blocking(job)
-            .await
-            .map_err(|_| HashError::Cancelled)
+        tokio::task::spawn_blocking(move || {
+            let result = job();
+            drop(permit);
+            result
+        })
+        .await
+        .map_err(|_| HashError::Cancelled)
     }
 }
 

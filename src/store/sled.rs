@@ -765,11 +765,32 @@ fn repair_next_id(db: &sled::Db, users: &sled::Tree) -> Result<(), sled::Error> 
 fn create_private_dir(dir: &Path) -> std::io::Result<()> {
     #[cfg(unix)]
     {
-        use std::os::unix::fs::DirBuilderExt;
+        use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
-            .create(dir)
+            .create(dir)?;
+        // An existing dir keeps its mode through create: a 0755 one would let every local user
+        // read the database. Ours is tightened; another user's is refused rather than changed
+        // behind its owner's back (even when we are root and could).
+        let meta = std::fs::metadata(dir)?;
+        let mode = meta.mode() & 0o7777;
+        if mode & 0o077 != 0 {
+            let own = rustix::process::geteuid().as_raw();
+            if meta.uid() != own {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::PermissionDenied,
+                    format!(
+                        "it is mode {mode:04o} and owned by uid {}, not by this user (uid {own}), \
+                         so it cannot be made private: have its owner chmod 700 it, or use \
+                         another data dir",
+                        meta.uid()
+                    ),
+                ));
+            }
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+        }
+        Ok(())
     }
     #[cfg(not(unix))]
     {

@@ -231,3 +231,23 @@ async fn passwords_are_rehashed_when_the_argon2_settings_change() {
     assert!(hash.contains("m=128,"), "{hash}");
     drop((store, dir));
 }
+
+/// A rehash is not a password change: logins racing the one that rehashes all succeed (each
+/// finds the hash it checked replaced, and checks the same password against the new one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parallel_logins_during_a_rehash_all_succeed() {
+    let app = spawn_app().await;
+    app.create_user("alice", "password123").await;
+    let (dir, mut config) = app.stop().await;
+    config.argon2.memory_kib = 128;
+    let app = Arc::new(start(dir, config).await);
+    let mut logins = JoinSet::new();
+    for _ in 0..12 {
+        let app = Arc::clone(&app);
+        logins.spawn(async move { app.login("alice", "password123").await });
+    }
+    while let Some(answer) = logins.join_next().await {
+        let answer = answer.expect("task");
+        assert_eq!(answer.status, StatusCode::OK, "{}", answer.body);
+    }
+}

@@ -22,6 +22,10 @@ pub const NO_LIMIT: Rate = Rate {
     burst: 10,
 };
 
+/// Every test client connects from 127.0.0.1, so the per-address connection cap is lifted;
+/// the test that is about it sets it.
+pub const NO_CONNECTION_CAP: usize = 1_000_000;
+
 /// Cheap Argon2 so tests spend their time on behaviour, not hashing.
 pub const CHEAP_ARGON2: Argon2Settings = Argon2Settings {
     memory_kib: 64,
@@ -38,6 +42,7 @@ pub fn quick_config(data_dir: PathBuf) -> Config {
         hash_threads: 2,
         ip_rate: NO_LIMIT,
         login_failure_rate: NO_LIMIT,
+        max_connections_per_ip: NO_CONNECTION_CAP,
         ..Config::default()
     }
 }
@@ -68,6 +73,10 @@ pub fn totpd(config_dir: &Path, data_dir: &Path) -> Command {
         )
         .env("TOTPD_RATE_LIMIT_PER_MINUTE", "0")
         .env("TOTPD_RATE_LIMIT_LOGIN_FAILURES_PER_MINUTE", "0")
+        .env(
+            "TOTPD_MAX_CONNECTIONS_PER_IP",
+            NO_CONNECTION_CAP.to_string(),
+        )
         .env("TOTPD_LOG_LEVEL", "warn")
         .arg("--data-dir")
         .arg(data_dir);
