@@ -41,6 +41,10 @@ pub enum Error {
     InvalidCredentials,
     /// 400: wrong, replayed or stale code (one body for all three).
     InvalidCode,
+    /// 400: a wrong code that is the code of a time a few steps from now: the device's clock
+    /// seems `drift_seconds` ahead of the server's (negative: behind). Refused and counted like
+    /// `InvalidCode`; only the sentence differs, so that a person can fix the clock.
+    ClockSkew { drift_seconds: i64 },
     /// 400: setup or activate while TOTP is already active.
     TotpAlreadyActive,
     /// 400: activate without a pending setup.
@@ -89,6 +93,7 @@ impl Error {
             | Error::Parse(_)
             | Error::InvalidCredentials
             | Error::InvalidCode
+            | Error::ClockSkew { .. }
             | Error::TotpAlreadyActive
             | Error::TotpNotPending
             | Error::TotpNotActive => StatusCode::BAD_REQUEST,
@@ -114,6 +119,7 @@ impl Error {
             Error::Parse(_) => "parse_error",
             Error::InvalidCredentials => "invalid_credentials",
             Error::InvalidCode => "invalid_code",
+            Error::ClockSkew { .. } => "clock_skew",
             Error::TotpAlreadyActive => "totp_already_active",
             Error::TotpNotPending => "totp_not_pending",
             Error::TotpNotActive => "totp_not_active",
@@ -154,6 +160,9 @@ impl Error {
                 Value::Object(body)
             }
             Error::InvalidCode => json!({ "token": ["Invalid code."], "code": code }),
+            Error::ClockSkew { drift_seconds } => {
+                json!({ "token": [clock_skew_message(*drift_seconds)], "code": code })
+            }
             Error::InvalidCredentials => non_field("Unable to log in with provided credentials."),
             Error::TotpAlreadyActive => non_field("TOTP is already active."),
             Error::TotpNotPending => non_field("No pending TOTP setup: call setup first."),
@@ -186,6 +195,21 @@ impl Error {
             Error::Internal => detail("Internal server error."),
         }
     }
+}
+
+/// The clock-drift hint: what happened, what it means, what to do — for a person looking at
+/// their phone, who may never have thought about its clock.
+fn clock_skew_message(drift_seconds: i64) -> String {
+    let (seconds, relation, clock) = if drift_seconds >= 0 {
+        (drift_seconds.unsigned_abs(), "ahead of", "fast")
+    } else {
+        (drift_seconds.unsigned_abs(), "behind", "slow")
+    };
+    format!(
+        "This code is for a time about {seconds} seconds {relation} the server's: your device's \
+         clock seems about {seconds} seconds {clock}. Set it to update automatically, then try \
+         a new code."
+    )
 }
 
 impl std::fmt::Display for Error {
@@ -283,6 +307,28 @@ mod tests {
     }
 
     #[test]
+    fn the_clock_skew_answer_says_how_far_which_way_and_what_to_do() {
+        let fast = Error::ClockSkew { drift_seconds: 90 };
+        assert_eq!(fast.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(
+            fast.body(),
+            json!({
+                "token": ["This code is for a time about 90 seconds ahead of the server's: your \
+                           device's clock seems about 90 seconds fast. Set it to update \
+                           automatically, then try a new code."],
+                "code": "clock_skew"
+            })
+        );
+        let slow = Error::ClockSkew { drift_seconds: -60 }.body();
+        let message = slow["token"][0].as_str().expect("a sentence");
+        assert!(
+            message.starts_with("This code is for a time about 60 seconds behind the server's: ")
+                && message.contains("your device's clock seems about 60 seconds slow."),
+            "{message}"
+        );
+    }
+
+    #[test]
     fn field_errors_group_messages_by_field_and_take_the_first_code() {
         let e = Error::Fields(vec![
             FieldError::required("temp_token"),
@@ -306,6 +352,10 @@ mod tests {
             Error::Parse("p"),
             Error::InvalidCredentials,
             Error::InvalidCode,
+            Error::ClockSkew { drift_seconds: 90 },
+            Error::ClockSkew {
+                drift_seconds: -300,
+            },
             Error::TotpAlreadyActive,
             Error::TotpNotPending,
             Error::TotpNotActive,

@@ -19,15 +19,18 @@ const BUCKETS: [f64; 12] = [
 pub enum VerifyOutcome {
     Ok,
     WrongCode,
+    /// A wrong code that is the code of a time a few steps away: a device's clock is off.
+    ClockSkew,
     Replay,
     InvalidTempToken,
     Locked,
 }
 
 impl VerifyOutcome {
-    const ALL: [VerifyOutcome; 5] = [
+    const ALL: [VerifyOutcome; 6] = [
         VerifyOutcome::Ok,
         VerifyOutcome::WrongCode,
+        VerifyOutcome::ClockSkew,
         VerifyOutcome::Replay,
         VerifyOutcome::InvalidTempToken,
         VerifyOutcome::Locked,
@@ -37,6 +40,7 @@ impl VerifyOutcome {
         match self {
             VerifyOutcome::Ok => "ok",
             VerifyOutcome::WrongCode => "wrong_code",
+            VerifyOutcome::ClockSkew => "clock_skew",
             VerifyOutcome::Replay => "replay",
             VerifyOutcome::InvalidTempToken => "invalid_temp_token",
             VerifyOutcome::Locked => "locked",
@@ -74,7 +78,7 @@ pub const OTHER_ROUTE: &str = "other";
 pub struct Metrics {
     /// One per route, then `other`.
     routes: Vec<RouteStats>,
-    verify: [AtomicU64; 5],
+    verify: [AtomicU64; 6],
     lockouts: AtomicU64,
 }
 

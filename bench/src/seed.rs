@@ -262,6 +262,7 @@ impl Seeder {
         let pending = PendingTotp {
             secret: stored.clone(),
             created_at: self.now,
+            burned_steps: Vec::new(),
         };
         enrolment::begin_setup(user, pending).map_err(|e| format!("{e:?}"))?;
         if audit {

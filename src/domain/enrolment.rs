@@ -66,13 +66,20 @@ pub fn activate(
         Proof::Step(step) => *step,
         _ => 0,
     };
-    user.pending = None;
+    // Steps of this secret burned by codes refused here stay burned once it is active.
+    let mut burned_steps = user
+        .pending
+        .take()
+        .map(|pending| pending.burned_steps)
+        .unwrap_or_default();
+    second_factor::prune(&mut burned_steps, Some(step), now);
     user.totp = Some(ActiveTotp {
         secret: checked.clone(),
         last_step: step,
         activated_at: now,
         recovery_key: recovery.key,
         recovery_hashes: recovery.hashes,
+        burned_steps,
     });
     Ok(())
 }
@@ -156,6 +163,7 @@ pub fn change_password(user: &mut User, password_hash: String, keep: Option<&Dig
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::second_factor::Rejection;
     use crate::domain::second_factor::tests::{P, active_user, code};
 
     fn hashes() -> RecoveryHashes {
@@ -172,6 +180,7 @@ mod tests {
             PendingTotp {
                 secret: secret.clone(),
                 created_at: 0,
+                burned_steps: Vec::new(),
             },
         )
         .expect("setup");
@@ -214,7 +223,8 @@ mod tests {
                 &mut u,
                 PendingTotp {
                     secret: new,
-                    created_at: 0
+                    created_at: 0,
+                    burned_steps: Vec::new(),
                 }
             ),
             Err(EnrolmentRefusal::AlreadyActive)
@@ -229,7 +239,7 @@ mod tests {
         assert!(matches!(
             deactivate(&mut u, Some((&Proof::Step(100), &secret)), &[1; 32], &P, 0),
             Err(EnrolmentRefusal::Code(Refusal::Rejected {
-                replay: true,
+                why: Rejection::Replay,
                 ..
             }))
         ));
@@ -264,5 +274,49 @@ mod tests {
         assert_eq!(u.key_epoch, 1);
         change_password(&mut u, "h2".into(), None);
         assert_eq!((u.password_hash.as_str(), u.key_epoch), ("h2", 2));
+    }
+
+    #[test]
+    fn steps_burned_before_activation_stay_burned_after_it() {
+        let mut u = User::new(1, "u".into(), String::new(), 0);
+        let secret = pending(&mut u, 1);
+        let now = 100 * 30 + 15;
+        // A phone 5 steps fast, then (its clock fixed) the code of now.
+        assert!(matches!(
+            activate(
+                &mut u,
+                &secret,
+                &Proof::Skewed { step: 105 },
+                hashes(),
+                &P,
+                now
+            ),
+            Err(EnrolmentRefusal::Code(Refusal::Rejected {
+                why: Rejection::ClockSkew { step: 105 },
+                ..
+            }))
+        ));
+        assert_eq!(u.failures.consecutive, 1);
+        assert_eq!(
+            activate(&mut u, &secret, &Proof::Step(100), hashes(), &P, now),
+            Ok(())
+        );
+        let active = u.totp.as_ref().expect("active");
+        assert_eq!(
+            (active.last_step, active.burned_steps.clone()),
+            (100, vec![105])
+        );
+        // The fast code is refused when its time comes; the steps before it are good.
+        let step = |u: &mut User, step: u64, at: UnixTime| {
+            regenerate_recovery_codes(u, &Proof::Step(step), &secret, hashes(), &P, at)
+        };
+        assert!(step(&mut u, 102, now + 60).is_ok());
+        assert!(matches!(
+            step(&mut u, 105, now + 150),
+            Err(EnrolmentRefusal::Code(Refusal::Rejected {
+                why: Rejection::Replay,
+                ..
+            }))
+        ));
     }
 }

@@ -1,5 +1,6 @@
 //! Pure TOTP maths: HOTP (RFC 4226 §5), TOTP (RFC 6238 §4) with SHA-1, 6 digits and 30 s steps,
-//! window verification, and the `otpauth://` provisioning URI (Google Authenticator Key URI format).
+//! window verification (and, for the clock-drift hint, finding a code a few steps outside the
+//! window), and the `otpauth://` provisioning URI (Google Authenticator Key URI format).
 //! Nothing here reads the clock or touches storage.
 
 use hmac::{Hmac, Mac};
@@ -126,16 +127,70 @@ pub fn code_at(secret: &Secret, step: u64) -> Code {
 /// caller's business: it must refuse a step at or before the last one it accepted (RFC 6238 §5.2).
 pub fn verify(secret: &Secret, code: &Code, now: UnixTime, skew: u64) -> Option<u64> {
     let mac = keyed(secret.as_bytes());
+    matching_step(&mac, code, step_at(now), 0..=skew)
+}
+
+/// How far from now a code is still recognised as one of the secret's, for the clock-drift
+/// hint: ten steps (five minutes) either side. Wider would tell a guesser more about the codes
+/// of nearby steps for little help (a phone off by more than five minutes is rare), and every
+/// wrong code costs one HMAC per step looked at.
+pub const DRIFT_STEPS: u64 = 10;
+
+/// Where a code falls, for [`locate`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Located {
+    /// The code of this step, within `now ± skew`: what [`verify`] returns.
+    InWindow(u64),
+    /// The code of this step, outside the window but at most [`DRIFT_STEPS`] from now: most
+    /// likely a device whose clock is off. Still a wrong code.
+    Drifted(u64),
+    /// No step within [`DRIFT_STEPS`] of now.
+    Nowhere,
+}
+
+/// [`verify`], and for a code outside the window the step within [`DRIFT_STEPS`] of now it is
+/// for, if any: the window first (so a code valid now is always found as such), then the steps
+/// beyond it, nearest first. A wrong code is compared with every step up to `DRIFT_STEPS`
+/// either side, whatever the skew, so its timing still reveals nothing.
+pub fn locate(secret: &Secret, code: &Code, now: UnixTime, skew: u64) -> Located {
+    let mac = keyed(secret.as_bytes());
     let current = step_at(now);
-    let nearest_first = std::iter::once(current).chain((1..=skew).flat_map(|d| {
-        [current.checked_add(d), current.checked_sub(d)]
-            .into_iter()
-            .flatten()
-    }));
-    nearest_first.into_iter().find(|&step| {
-        let candidate = digits_of(truncated(&mac, step) % 1_000_000);
+    if let Some(step) = matching_step(&mac, code, current, 0..=skew) {
+        return Located::InWindow(step);
+    }
+    match matching_step(&mac, code, current, skew.saturating_add(1)..=DRIFT_STEPS) {
+        Some(step) => Located::Drifted(step),
+        None => Located::Nowhere,
+    }
+}
+
+/// The first step `current ± d` (d in `distances`, `+d` before `-d`) whose code is `code`.
+fn matching_step(
+    mac: &Hmac<Sha1>,
+    code: &Code,
+    current: u64,
+    distances: std::ops::RangeInclusive<u64>,
+) -> Option<u64> {
+    let mut steps = distances.flat_map(|d| {
+        let behind = current.checked_sub(d).filter(|_| d > 0);
+        [current.checked_add(d), behind].into_iter().flatten()
+    });
+    steps.find(|&step| {
+        let candidate = digits_of(truncated(mac, step) % 1_000_000);
         bool::from(candidate.ct_eq(&code.0))
     })
+}
+
+/// How far ahead of the server's clock (negative: behind) a device seemed to be when it showed
+/// the code of `step` at `now`, rounded to 10 s. The device's time was somewhere in the step's
+/// 30 s, so this takes the middle of it; the sign and the rough size are what a person needs
+/// to put the clock right.
+pub fn drift_seconds(step: u64, now: UnixTime) -> i64 {
+    let middle = i128::from(step) * i128::from(PERIOD) + i128::from(PERIOD / 2);
+    let drift = middle - i128::from(now);
+    // To the nearest 10 s, halves away from zero.
+    let rounded = (drift + 5 * drift.signum()) / 10 * 10;
+    i64::try_from(rounded).unwrap_or(if rounded < 0 { i64::MIN } else { i64::MAX })
 }
 
 /// Everything but RFC 3986's unreserved characters is percent-encoded, so a space is `%20`
@@ -268,6 +323,59 @@ mod tests {
     fn window_near_epoch_does_not_underflow() {
         let secret = Secret::from_bytes(RFC_SEED.to_vec());
         assert_eq!(verify(&secret, &code_at(&secret, 0), 0, 2), Some(0));
+    }
+
+    #[test]
+    fn locate_finds_codes_up_to_ten_steps_away_outside_the_window() {
+        let secret = Secret::from_bytes(RFC_SEED.to_vec());
+        let now = 1_000_000_015;
+        let step = step_at(now);
+        for skew in [0, 1, 2] {
+            for offset in -12i64..=12 {
+                let target = step.checked_add_signed(offset).expect("in range");
+                let want = match offset.unsigned_abs() {
+                    d if d <= skew => Located::InWindow(target),
+                    d if d <= DRIFT_STEPS => Located::Drifted(target),
+                    _ => Located::Nowhere,
+                };
+                let code = code_at(&secret, target);
+                assert_eq!(
+                    locate(&secret, &code, now, skew),
+                    want,
+                    "offset {offset} skew {skew}"
+                );
+                let in_window = matches!(want, Located::InWindow(_)).then_some(target);
+                assert_eq!(verify(&secret, &code, now, skew), in_window);
+            }
+        }
+    }
+
+    #[test]
+    fn locate_near_the_epoch_does_not_underflow() {
+        let secret = Secret::from_bytes(RFC_SEED.to_vec());
+        assert_eq!(
+            locate(&secret, &code_at(&secret, 10), 0, 1),
+            Located::Drifted(10)
+        );
+        assert_eq!(
+            locate(&secret, &code_at(&secret, 11), 0, 1),
+            Located::Nowhere
+        );
+    }
+
+    #[test]
+    fn drift_is_measured_from_the_middle_of_the_step_and_rounded_to_ten_seconds() {
+        // Mid-step, k steps off is k × 30 s.
+        assert_eq!(drift_seconds(103, 100 * 30 + 15), 90);
+        assert_eq!(drift_seconds(97, 100 * 30 + 15), -90);
+        assert_eq!(drift_seconds(110, 100 * 30 + 15), 300);
+        // At the start of a step the device was, on average, half a step further ahead.
+        assert_eq!(drift_seconds(102, 100 * 30), 80);
+        assert_eq!(drift_seconds(98, 100 * 30), -50);
+        // At its last second, half a step less.
+        assert_eq!(drift_seconds(102, 100 * 30 + 29), 50);
+        assert_eq!(drift_seconds(98, 100 * 30 + 29), -70);
+        assert_eq!(drift_seconds(u64::MAX, 0), i64::MAX);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! A user's record: the account state every rule of `domain` reads and changes. A store keeps
 //! it whole and changes it only through the pure functions of the sibling modules. The field
-//! order is the stored encoding's (see `store::codec`): append, never reorder.
+//! order is the stored encoding's (see `store::codec`): a change of these structs is a new
+//! record format version there, with a frozen copy of the old structs to read the old one.
 
 use serde::{Deserialize, Serialize};
 
@@ -46,6 +47,9 @@ pub struct ActiveTotp {
     pub recovery_key: Digest,
     /// Hashes of the recovery codes not used yet.
     pub recovery_hashes: Vec<Digest>,
+    /// Steps after `last_step` that are spent all the same: the steps of codes refused as clock
+    /// drift ahead of now (see `second_factor`). Short: pruned once time has passed them.
+    pub burned_steps: Vec<u64>,
 }
 
 /// A secret handed out by setup and not yet confirmed by activate.
@@ -53,6 +57,9 @@ pub struct ActiveTotp {
 pub struct PendingTotp {
     pub secret: StoredSecret,
     pub created_at: UnixTime,
+    /// As in [`ActiveTotp`]: steps of this secret spent by codes refused at activation as clock
+    /// drift; activation carries them over.
+    pub burned_steps: Vec<u64>,
 }
 
 /// How a TOTP secret is kept.

@@ -10,8 +10,9 @@ use crate::clock::UnixTime;
 use crate::domain::audit::{AuditEvent, EventKind};
 use crate::domain::keys::KeyLifetime;
 use crate::domain::lockout::{HARD_LOCK, LockPolicy};
-use crate::domain::second_factor::Refusal;
+use crate::domain::second_factor::{Refusal, Rejection};
 use crate::domain::secrets::RngError;
+use crate::domain::totp;
 use crate::domain::user::{Digest, User, UserId};
 use crate::error::Error;
 use crate::limits::Buckets;
@@ -83,9 +84,16 @@ pub(super) fn locked(until: UnixTime, now: UnixTime) -> Error {
     }
 }
 
-/// The answer to a refused code: 400 for a wrong or replayed one, 429 while locked.
+/// The answer to a refused code: 400 for a wrong or replayed one (one answer for both), 400
+/// with the clock-drift hint for the code of a time a few steps away, 429 while locked.
 pub(super) fn refusal_error(refusal: Refusal, now: UnixTime) -> Error {
     match refusal {
+        Refusal::Rejected {
+            why: Rejection::ClockSkew { step },
+            ..
+        } => Error::ClockSkew {
+            drift_seconds: totp::drift_seconds(step, now),
+        },
         Refusal::Rejected { .. } => Error::InvalidCode,
         Refusal::Locked { until } => locked(until, now),
     }
@@ -177,7 +185,8 @@ pub(super) fn named_event(
     }
 }
 
-/// The audit events of a refused code: the failure, a replay, and a lock it started.
+/// The audit events of a refused code: the failure (`wrong_code`, `replay` or `clock_skew`), a
+/// replay, and a lock it started.
 pub(super) fn refusal_events(
     ctx: &Ctx,
     kind: EventKind,
@@ -186,15 +195,16 @@ pub(super) fn refusal_events(
 ) -> Vec<AuditEvent> {
     match refusal {
         Refusal::Locked { .. } => vec![event(ctx, kind, Some(user), "locked")],
-        Refusal::Rejected {
-            replay,
-            lock_started,
-        } => {
+        Refusal::Rejected { why, lock_started } => {
             let mut events = Vec::with_capacity(3);
-            if replay {
+            if why == Rejection::Replay {
                 events.push(event(ctx, EventKind::ReplayRefused, Some(user), "refused"));
             }
-            let outcome = if replay { "replay" } else { "wrong_code" };
+            let outcome = match why {
+                Rejection::Wrong => "wrong_code",
+                Rejection::Replay => "replay",
+                Rejection::ClockSkew { .. } => "clock_skew",
+            };
             events.push(event(ctx, kind, Some(user), outcome));
             match lock_started {
                 Some(HARD_LOCK) => events.push(event(

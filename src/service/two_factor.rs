@@ -9,9 +9,9 @@ use crate::domain::audit::{AuditEvent, EventKind};
 use crate::domain::enrolment::{self, EnrolmentRefusal, RecoveryHashes};
 use crate::domain::keys;
 use crate::domain::login::{self, CodeStepRefusal};
-use crate::domain::second_factor::{Proof, Refusal};
+use crate::domain::second_factor::{Proof, Refusal, Rejection};
 use crate::domain::secrets;
-use crate::domain::totp::{self, Code, Secret};
+use crate::domain::totp::{self, Code, Located, Secret};
 use crate::domain::user::{PendingTotp, StoredSecret, User};
 use crate::error::{Error, FieldError};
 use crate::metrics::VerifyOutcome;
@@ -56,6 +56,7 @@ impl Service {
         let pending = PendingTotp {
             secret: self.keyring.seal(user.id, &secret)?,
             created_at: ctx.now,
+            burned_steps: Vec::new(),
         };
         let outcome = self
             .change(user.id, |user| {
@@ -87,7 +88,8 @@ impl Service {
     }
 
     /// A TOTP code as a proof against `stored`: not even checked while the user is locked (so
-    /// a lock reveals nothing); the domain then refuses it as locked.
+    /// a lock reveals nothing); the domain then refuses it as locked. A code a few steps off
+    /// (a device's clock) is a `Skewed` proof, which the domain refuses with its step.
     fn totp_proof(
         &self,
         user: &User,
@@ -100,9 +102,10 @@ impl Service {
         }
         let secret = self.keyring.open(user.id, stored)?;
         Ok(
-            match totp::verify(&secret, code, now, self.policy.totp_skew) {
-                Some(step) => Proof::Step(step),
-                None => Proof::Wrong,
+            match totp::locate(&secret, code, now, self.policy.totp_skew) {
+                Located::InWindow(step) => Proof::Step(step),
+                Located::Drifted(step) => Proof::Skewed { step },
+                Located::Nowhere => Proof::Wrong,
             },
         )
     }
@@ -342,8 +345,11 @@ impl Service {
 
     fn record_refusal(&self, refusal: Refusal) {
         self.metrics.record_verify(match refusal {
-            Refusal::Rejected { replay: true, .. } => VerifyOutcome::Replay,
-            Refusal::Rejected { .. } => VerifyOutcome::WrongCode,
+            Refusal::Rejected { why, .. } => match why {
+                Rejection::Wrong => VerifyOutcome::WrongCode,
+                Rejection::Replay => VerifyOutcome::Replay,
+                Rejection::ClockSkew { .. } => VerifyOutcome::ClockSkew,
+            },
             Refusal::Locked { .. } => VerifyOutcome::Locked,
         });
         if matches!(

@@ -104,6 +104,7 @@ async fn enrolled(store: &dyn Store, name: &str, tokens: u8) -> User {
             activated_at: NOW,
             recovery_key: [3; 32],
             recovery_hashes: vec![code.digest(&[3; 32])],
+            burned_steps: Vec::new(),
         });
         Writes::default()
     })

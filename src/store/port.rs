@@ -9,8 +9,10 @@ use crate::domain::audit::AuditEvent;
 use crate::domain::keys::KeyLifetime;
 use crate::domain::user::{Digest, LoginKey, StoredSecret, User, UserId};
 
-/// The layout this binary reads and writes.
-pub const SCHEMA_VERSION: u64 = 1;
+/// The layout this binary reads and writes. 2: user records may be at format version 2
+/// (`codec`), which a totpd of schema 1 cannot read; opening a schema-1 store raises it, so that
+/// an older totpd then refuses the data dir instead of failing on some users' records.
+pub const SCHEMA_VERSION: u64 = 2;
 
 /// A storage failure: the request answers 503 (or 500 for a corrupt record).
 #[derive(Debug)]

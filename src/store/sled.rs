@@ -798,27 +798,28 @@ fn create_private_dir(dir: &Path) -> std::io::Result<()> {
     }
 }
 
-/// Writes the schema version into a new store; refuses one written by a newer totpd.
+/// Writes the schema version into a new store, and over an older one (this binary reads it,
+/// and will write records only its own version can read); refuses one written by a newer totpd.
 fn check_schema(db: &sled::Db, data_dir: &Path) -> Result<(), OpenError> {
     let io = |cause: String| io_error(data_dir, cause);
-    match db.get(SCHEMA_KEY).map_err(|e| io(e.to_string()))? {
-        None => {
+    let found = match db.get(SCHEMA_KEY).map_err(|e| io(e.to_string()))? {
+        None => None,
+        Some(bytes) => Some(
+            <[u8; 8]>::try_from(bytes.as_ref())
+                .map(u64::from_be_bytes)
+                .map_err(|_| io("the schema version record is corrupt".into()))?,
+        ),
+    };
+    match found {
+        Some(found) if found > SCHEMA_VERSION => Err(OpenError::NewerSchema {
+            found,
+            path: data_dir.to_path_buf(),
+        }),
+        Some(SCHEMA_VERSION) => Ok(()),
+        _ => {
             db.insert(SCHEMA_KEY, &SCHEMA_VERSION.to_be_bytes())
                 .map_err(|e| io(e.to_string()))?;
             Ok(())
-        }
-        Some(bytes) => {
-            let found = <[u8; 8]>::try_from(bytes.as_ref())
-                .map(u64::from_be_bytes)
-                .map_err(|_| io("the schema version record is corrupt".into()))?;
-            if found > SCHEMA_VERSION {
-                Err(OpenError::NewerSchema {
-                    found,
-                    path: data_dir.to_path_buf(),
-                })
-            } else {
-                Ok(())
-            }
         }
     }
 }
@@ -871,4 +872,33 @@ pub async fn restore(
         let _ = dir.sync_all();
     }
     Ok(count)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn schema_of(db: &sled::Db) -> Option<u64> {
+        db.get(SCHEMA_KEY)
+            .expect("read")
+            .and_then(|b| <[u8; 8]>::try_from(b.as_ref()).ok())
+            .map(u64::from_be_bytes)
+    }
+
+    #[test]
+    fn the_schema_version_is_written_raised_from_an_older_one_and_a_newer_one_refused() {
+        let db = sled::Config::new().temporary(true).open().expect("db");
+        let dir = Path::new("unused");
+        check_schema(&db, dir).expect("a new store");
+        assert_eq!(schema_of(&db), Some(SCHEMA_VERSION));
+        db.insert(SCHEMA_KEY, &1u64.to_be_bytes()).expect("write");
+        check_schema(&db, dir).expect("a schema-1 store opens");
+        assert_eq!(schema_of(&db), Some(SCHEMA_VERSION), "raised");
+        db.insert(SCHEMA_KEY, &(SCHEMA_VERSION + 1).to_be_bytes())
+            .expect("write");
+        assert!(matches!(
+            check_schema(&db, dir),
+            Err(OpenError::NewerSchema { .. })
+        ));
+    }
 }

@@ -240,9 +240,10 @@ impl TestApp {
         .await
     }
 
-    /// A code of the current step that is not valid within ±2 steps: a sure wrong guess.
+    /// A code that is not the code of any step within ±10 of now: a sure wrong guess, which
+    /// gets `invalid_code` (not the clock-drift hint, `clock_skew`).
     pub fn wrong_code(&self, totp: &Totp, salt: u32) -> String {
-        let valid: Vec<String> = (-2..=2).map(|o| self.code(totp, o)).collect();
+        let valid: Vec<String> = (-10..=10).map(|o| self.code(totp, o)).collect();
         (0u32..)
             .map(|i| format!("{:06}", (salt.wrapping_mul(7919) + i * 104_729) % 1_000_000))
             .find(|c| !valid.contains(c))

@@ -10,6 +10,8 @@ mod helpers;
 mod abuse;
 /// Password login, registration, logout, login keys.
 mod auth;
+/// The clock-drift hint (`clock_skew`) at every code-taking route, and the steps it spends.
+mod clock_skew;
 /// The framework-level errors: 404, 405, 413, 415, parse errors, body-less POSTs, headers.
 mod http;
 /// Operations: OpenAPI document, QR codes, health, metrics, request ids, backup, TLS.

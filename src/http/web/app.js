@@ -94,9 +94,9 @@
       case 'invalid_code':
         return 'That code is not right, or it was already used. Wait for the next code in your app and try again.';
       case 'clock_skew':
-        // The server's sentence says how far off the phone's clock seems; advice follows.
-        return (fieldMessage(error.body, 'token') || 'Your phone\'s clock seems to be off.') +
-          ' Set the date and time on your phone to automatic (network time), then try a new code.';
+        // The server's sentence says how far off the phone's clock seems, and what to do.
+        return fieldMessage(error.body, 'token') ||
+          'Your phone\'s clock seems to be off. Set the date and time on your phone to automatic (network time), then try a new code.';
       case 'invalid_temp_token':
         return 'Your login has expired. Please log in again.';
       case 'invalid_credentials':
