@@ -274,7 +274,7 @@ fn restore(config: &Config, file: &Path) -> Result<(), String> {
     println!(
         "restored {count} records into {}; the master key that sealed them must be in place \
          before the server starts",
-        config.data_dir.display()
+        app::store_config(config).describe()
     );
     Ok(())
 }

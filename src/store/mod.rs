@@ -7,15 +7,17 @@
 //! durable (the sled backend shares one flush and fsync among concurrent writers: group
 //! commit), so no caller can forget to wait for it.
 //!
-//! Backends: [`sled`](self::sled) (embedded, the default). [`conformance`] holds the tests
-//! every backend must pass.
+//! Backends: [`sled`](self::sled) (embedded, the default: one process per data dir) and
+//! [`postgres`] (shared: several instances serve one user base). [`conformance`] holds the
+//! tests every backend must pass.
 
 pub mod codec;
 pub mod conformance;
 pub mod group_commit;
+pub mod postgres;
 mod sled;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -70,6 +72,12 @@ pub enum OpenError {
         path: PathBuf,
         cause: String,
     },
+    /// The database refused or could not be reached (the message names no password).
+    Database(String),
+    /// The database's schema was migrated by a newer totpd.
+    NewerDatabaseSchema {
+        found: u64,
+    },
 }
 
 impl std::fmt::Display for OpenError {
@@ -89,6 +97,14 @@ impl std::fmt::Display for OpenError {
             OpenError::Io { path, cause } => {
                 write!(f, "cannot open the data dir {}: {cause}", path.display())
             }
+            OpenError::Database(cause) => write!(f, "database: {cause}"),
+            OpenError::NewerDatabaseSchema { found } => write!(
+                f,
+                "the database has schema version {found}, newer than this totpd understands \
+                 ({}); use a newer totpd (every instance on one database must be as new as \
+                 the newest)",
+                postgres::latest_version()
+            ),
         }
     }
 }
@@ -131,6 +147,20 @@ pub struct StoreStats {
     pub bytes_on_disk: u64,
     pub flushes: u64,
     pub acknowledged_writes: u64,
+    /// The connection pool, for a store that has one.
+    pub pool: Option<PoolStats>,
+}
+
+/// A connection pool's state: gauges (`max_size`, `size`, `available`, `waiting`) and counters
+/// since start (`timeouts`: no connection within the wait; `errors`: failed operations).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PoolStats {
+    pub max_size: u64,
+    pub size: u64,
+    pub available: u64,
+    pub waiting: u64,
+    pub timeouts: u64,
+    pub errors: u64,
 }
 
 #[async_trait]
@@ -206,33 +236,129 @@ pub trait Store: Send + Sync {
     async fn close(&self) -> Result<(), StoreError>;
 }
 
+/// A database URL: it may carry the password, so it prints (`Display`, `Debug`) with the
+/// password replaced by `***`; only [`DatabaseUrl::expose`] gives it whole, to the driver.
+#[derive(Clone, PartialEq, Eq)]
+pub struct DatabaseUrl(String);
+
+impl DatabaseUrl {
+    pub fn new(url: impl Into<String>) -> Self {
+        Self(url.into())
+    }
+
+    /// The URL with its password, for the connection only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for DatabaseUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&postgres::redact_url(&self.0))
+    }
+}
+
+impl std::fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DatabaseUrl({self})")
+    }
+}
+
+/// How to reach a PostgreSQL store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PostgresConfig {
+    pub url: DatabaseUrl,
+    /// Connections per instance.
+    pub pool_size: usize,
+    /// The longest wait for a connection (and to connect): past it a request answers 503.
+    pub timeout: std::time::Duration,
+    /// A PEM file of CA certificates trusted for the database's TLS, besides the system's.
+    pub ca_file: Option<PathBuf>,
+}
+
 /// Where the store lives.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StoreConfig {
-    pub data_dir: PathBuf,
-    /// The page cache in bytes (sled's own default is 1 GiB, far too much for an edge box).
-    pub cache_capacity: u64,
+pub enum StoreConfig {
+    /// The embedded store in `data_dir`.
+    Sled {
+        data_dir: PathBuf,
+        /// The page cache in bytes (sled's own default is 1 GiB, far too much for an edge box).
+        cache_capacity: u64,
+    },
+    /// A PostgreSQL database, shared by any number of instances.
+    Postgres(PostgresConfig),
 }
 
-/// Opens (or creates) the store.
-pub fn open(config: &StoreConfig) -> Result<Arc<dyn Store>, OpenError> {
-    Ok(Arc::new(sled::SledStore::open(
-        &config.data_dir,
-        config.cache_capacity,
-    )?))
+impl StoreConfig {
+    /// Whether this store allows one process only (the CLI then goes through the server).
+    pub fn single_process(&self) -> bool {
+        matches!(self, StoreConfig::Sled { .. })
+    }
+
+    /// Where the store is, for messages (no password).
+    pub fn describe(&self) -> String {
+        match self {
+            StoreConfig::Sled { data_dir, .. } => format!("sled:{}", data_dir.display()),
+            StoreConfig::Postgres(pg) => format!("postgres:{}", pg.url),
+        }
+    }
 }
 
-/// Restores `records` into a new store at `config`, all or nothing: the store is built beside
-/// the data dir's database and moved into place only when all `expected` records arrived.
+/// Opens (or creates) the store; a PostgreSQL store's schema is migrated first.
+pub async fn open(config: &StoreConfig) -> Result<Arc<dyn Store>, OpenError> {
+    match config {
+        StoreConfig::Sled {
+            data_dir,
+            cache_capacity,
+        } => {
+            let (dir, cache) = (data_dir.clone(), *cache_capacity);
+            let store = tokio::task::spawn_blocking(move || sled::SledStore::open(&dir, cache))
+                .await
+                .map_err(|e| OpenError::Io {
+                    path: data_dir.clone(),
+                    cause: e.to_string(),
+                })??;
+            Ok(Arc::new(store))
+        }
+        StoreConfig::Postgres(pg) => Ok(Arc::new(postgres::PostgresStore::open(pg).await?)),
+    }
+}
+
+/// Restores `records` into a new store at `config`, all or nothing: sled builds the store
+/// beside the data dir's database and moves it into place only when all `expected` records
+/// arrived; PostgreSQL imports them in one transaction into an empty database.
 pub async fn restore(
     config: &StoreConfig,
     records: tokio::sync::mpsc::Receiver<BackupRecord>,
     expected: u64,
 ) -> Result<u64, String> {
-    sled::restore(&config.data_dir, config.cache_capacity, records, expected).await
+    match config {
+        StoreConfig::Sled {
+            data_dir,
+            cache_capacity,
+        } => sled::restore(data_dir, *cache_capacity, records, expected).await,
+        StoreConfig::Postgres(pg) => {
+            let store = postgres::PostgresStore::open(pg)
+                .await
+                .map_err(|e| e.to_string())?;
+            let restored = store.restore(records, expected).await;
+            let _ = store.close().await;
+            restored
+        }
+    }
 }
 
-/// Whether `data_dir` already holds a database.
-pub fn exists(data_dir: &Path) -> bool {
-    sled::exists(data_dir)
+/// Whether the store at `config` already holds data (a restore or a copy needs it empty).
+pub async fn holds_data(config: &StoreConfig) -> Result<bool, String> {
+    match config {
+        StoreConfig::Sled { data_dir, .. } => Ok(sled::exists(data_dir)),
+        StoreConfig::Postgres(pg) => {
+            let store = postgres::PostgresStore::open(pg)
+                .await
+                .map_err(|e| e.to_string())?;
+            let empty = store.is_empty().await.map_err(|e| e.to_string());
+            let _ = store.close().await;
+            empty.map(|empty| !empty)
+        }
+    }
 }
