@@ -181,6 +181,15 @@ impl TestSchema {
         }
     }
 
+    /// `url` with its host and port replaced by `addr` (to reach the database through a proxy).
+    pub fn url_via(&self, addr: std::net::SocketAddr) -> String {
+        let (scheme, rest) = self.url.split_once("://").expect("a URL");
+        let (userinfo, after) = rest.rsplit_once('@').map_or(("", rest), |(u, a)| (u, a));
+        let path = &after[after.find('/').unwrap_or(after.len())..];
+        let at = if userinfo.is_empty() { "" } else { "@" };
+        format!("{scheme}://{userinfo}{at}{addr}{path}")
+    }
+
     /// A store config on this schema.
     pub fn store_config(&self, pool_size: usize) -> totpd::store::StoreConfig {
         totpd::store::StoreConfig::Postgres(totpd::store::PostgresConfig {
