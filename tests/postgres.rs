@@ -551,3 +551,100 @@ fn store_copy_moves_an_installation_both_ways() {
     assert!(ok, "{out}");
     assert!(out.contains("carol"), "{out}");
 }
+
+/// Two real binaries on one database; one is killed with SIGKILL while it issues login keys.
+/// Every key it acknowledged works on the other: an answer means the commit happened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_one_instance_under_load_loses_no_acknowledged_change() {
+    let Some(url) = test_database_url() else {
+        return;
+    };
+    let schema = TestSchema::create(&url).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let command = |name: &str| {
+        let mut command = common::totpd(dir.path(), &dir.path().join(name));
+        command
+            .env("TOTPD_STORE", "postgres")
+            .env("TOTPD_DATABASE_URL", &schema.url)
+            .env("TOTPD_MASTER_KEY_FILE", dir.path().join("master.key"));
+        command
+    };
+    let added = command("a")
+        .args(["user", "add", "user0", "--password-stdin"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            use std::io::Write;
+            child
+                .stdin
+                .take()
+                .expect("stdin")
+                .write_all(format!("{PASSWORD}\n").as_bytes())?;
+            child.wait()
+        })
+        .expect("user add runs");
+    assert!(added.success());
+    let serve = |name: &str| {
+        let mut child = command(name)
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("the server starts");
+        let listening = common::listening(&mut child, Duration::from_secs(20)).expect("listening");
+        (child, listening.base)
+    };
+    let (mut a, base_a) = serve("a");
+    let (mut b, base_b) = serve("b");
+    let a_instance = Arc::new(Instance {
+        base: base_a,
+        client: reqwest::Client::new(),
+    });
+    let mut load = Vec::new();
+    for _ in 0..4 {
+        let on = Arc::clone(&a_instance);
+        load.push(tokio::spawn(async move {
+            let mut keys = Vec::new();
+            loop {
+                let request = on
+                    .client
+                    .post(format!("{}/api/v1/auth/login/", on.base))
+                    .json(&json!({"username": "user0", "password": PASSWORD}));
+                let Ok(response) = request.send().await else {
+                    return keys; // the instance is gone
+                };
+                if response.status() != 200 {
+                    continue;
+                }
+                let Ok(body) = response.json::<Value>().await else {
+                    return keys;
+                };
+                keys.push(body["key"].as_str().expect("a key").to_owned());
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    a.kill().expect("SIGKILL");
+    let _ = a.wait();
+    let mut acknowledged = Vec::new();
+    for task in load {
+        acknowledged.extend(task.await.expect("load"));
+    }
+    assert!(
+        !acknowledged.is_empty(),
+        "the load got no answer before the kill"
+    );
+    let on_b = Instance {
+        base: base_b,
+        client: reqwest::Client::new(),
+    };
+    for key in &acknowledged {
+        let (status, body) = on_b.get("/api/v1/auth/totp/", Some(key)).await;
+        assert_eq!(status, 200, "an acknowledged key was lost: {body}");
+    }
+    common::report(&format!(
+        "kill -9: {} acknowledged keys, all valid on the other instance",
+        acknowledged.len()
+    ));
+    let _ = b.kill();
+    let _ = b.wait();
+}
