@@ -21,7 +21,8 @@ use crate::config::{Config, Flags, LogFormat};
     version,
     about = "A TOTP two-factor-authentication server in one binary",
     after_help = "Every command but serve works whether or not a server holds the data dir: \
-                  with one running, it is done by the server through <data dir>/admin.sock."
+                  with one running, it is done by the server through <data dir>/admin.sock. \
+                  With store = \"postgres\" the commands open the database themselves."
 )]
 struct Cli {
     /// Config file [env: TOTPD_CONFIG] [default: ./config.toml when it exists]
