@@ -33,10 +33,7 @@ pub struct Application {
 
 /// The store settings of a configuration.
 pub fn store_config(config: &Config) -> StoreConfig {
-    StoreConfig {
-        data_dir: config.data_dir.clone(),
-        cache_capacity: config.cache_capacity,
-    }
+    config.store_config()
 }
 
 /// The service of a configuration, on an open store (the CLI's offline commands use it too).
@@ -84,9 +81,8 @@ impl Application {
         // Checked before anything is created in the data dir.
         let tls = http::tls::acceptor(&config)?;
         let store_config = store_config(&config);
-        let store = tokio::task::spawn_blocking(move || store::open(&store_config))
+        let store = store::open(&store_config)
             .await
-            .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?;
         let metrics = Arc::new(Metrics::new(
             http::routes::ROUTES.iter().map(|(_, path)| *path),
@@ -99,8 +95,14 @@ impl Application {
         let addr = listener
             .local_addr()
             .map_err(|e| format!("cannot read the bound address: {e}"))?;
+        // Only sled needs the socket: it lets one process hold the data dir, so the CLI asks
+        // the server. With PostgreSQL the CLI opens the database itself.
         #[cfg(unix)]
-        let admin = Some(admin::bind_socket(&config.data_dir)?);
+        let admin = if store_config.single_process() {
+            Some(admin::bind_socket(&config.data_dir)?)
+        } else {
+            None
+        };
         let state = Arc::new(State {
             service: Arc::new(service),
             ip_limits: Buckets::new(config.ip_rate, config.rate_limit_max_entries),
@@ -208,14 +210,14 @@ async fn sweep_expired(state: SharedState) {
     }
 }
 
-/// Opens the data dir for a command run without a server: the store and the service on it.
-/// `Err(None)` when a server holds the data dir (the command then goes through its socket).
+/// Opens the store for a command run without a server: the store and the service on it.
+/// `Err(None)` when a server holds the (sled) data dir: the command then goes through its
+/// socket. A PostgreSQL store is always opened directly, servers running or not.
 pub async fn open_offline(config: &Config) -> Result<Arc<Service>, Option<String>> {
     let store_config = store_config(config);
-    let store = match tokio::task::spawn_blocking(move || store::open(&store_config)).await {
-        Ok(Ok(store)) => store,
-        Ok(Err(store::OpenError::Locked(_))) => return Err(None),
-        Ok(Err(e)) => return Err(Some(e.to_string())),
+    let store = match store::open(&store_config).await {
+        Ok(store) => store,
+        Err(store::OpenError::Locked(_)) => return Err(None),
         Err(e) => return Err(Some(e.to_string())),
     };
     let metrics = Arc::new(Metrics::new(std::iter::empty()));
@@ -232,10 +234,7 @@ pub async fn open_offline(config: &Config) -> Result<Arc<Service>, Option<String
 pub async fn rotate_master_key(config: &Config) -> Result<String, String> {
     use crate::service::sealing::{KeySource, Keyring, MasterKey, key_id_hex};
     let store_config = store_config(config);
-    let store = match tokio::task::spawn_blocking(move || store::open(&store_config))
-        .await
-        .map_err(|e| e.to_string())?
-    {
+    let store = match store::open(&store_config).await {
         Err(store::OpenError::Locked(path)) => {
             return Err(format!(
                 "the data dir {} is in use by a running server: stop it to rotate the key",

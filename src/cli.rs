@@ -21,7 +21,8 @@ use crate::config::{Config, Flags, LogFormat};
     version,
     about = "A TOTP two-factor-authentication server in one binary",
     after_help = "Every command but serve works whether or not a server holds the data dir: \
-                  with one running, it is done by the server through <data dir>/admin.sock."
+                  with one running, it is done by the server through <data dir>/admin.sock. \
+                  With store = \"postgres\" the commands open the database themselves."
 )]
 struct Cli {
     /// Config file [env: TOTPD_CONFIG] [default: ./config.toml when it exists]
@@ -56,6 +57,15 @@ enum Command {
     RotateKey,
     /// List risky settings (the warnings serve logs at start-up); exit 1 when there is one
     CheckConfig,
+    /// Create or update the PostgreSQL schema (servers also do it when they start)
+    Migrate {
+        /// Print the SQL that would run, and change nothing
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Move data between stores
+    #[command(subcommand)]
+    Store(StoreCommand),
     /// Print the audit trail of security events
     Events {
         /// Only this user's events
@@ -67,6 +77,19 @@ enum Command {
         /// One JSON object per line
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum StoreCommand {
+    /// Copy every record into an empty store and compare the counts (stop the servers first)
+    Copy {
+        /// The source: sled:DIR or postgres:URL
+        #[arg(long, value_name = "STORE")]
+        from: String,
+        /// The empty target: sled:DIR or postgres:URL
+        #[arg(long, value_name = "STORE")]
+        to: String,
     },
 }
 
@@ -138,6 +161,10 @@ fn execute(command: Option<Command>, config: &Config) -> Result<(), String> {
         Some(Command::Healthcheck) => return healthcheck(config),
         Some(Command::RotateKey) => return rotate_key(config),
         Some(Command::CheckConfig) => return check_config(config),
+        Some(Command::Migrate { dry_run }) => return migrate(config, dry_run),
+        Some(Command::Store(StoreCommand::Copy { from, to })) => {
+            return copy_store(config, &from, &to);
+        }
         Some(Command::User(UserCommand::Add {
             name,
             password_stdin,
@@ -301,7 +328,7 @@ fn restore(config: &Config, file: &Path) -> Result<(), String> {
     println!(
         "restored {count} records into {}; the master key that sealed them must be in place \
          before the server starts",
-        config.data_dir.display()
+        app::store_config(config).describe()
     );
     Ok(())
 }
@@ -319,6 +346,56 @@ fn healthcheck(config: &Config) -> Result<(), String> {
 /// Re-seals every secret under a new master key (see `app::rotate_master_key`).
 fn rotate_key(config: &Config) -> Result<(), String> {
     let out = runtime()?.block_on(app::rotate_master_key(config))?;
+    print!("{out}");
+    Ok(())
+}
+
+/// Applies the pending migrations of the PostgreSQL schema, or prints their SQL.
+fn migrate(config: &Config, dry_run: bool) -> Result<(), String> {
+    use crate::store::{StoreConfig, postgres};
+    let StoreConfig::Postgres(pg) = app::store_config(config) else {
+        return Err(
+            "migrate is for store = \"postgres\": a sled store migrates itself when it opens"
+                .into(),
+        );
+    };
+    let pending = runtime()?.block_on(async {
+        let mut client = postgres::connect(&pg).await.map_err(|e| e.to_string())?;
+        postgres::migrate(&mut client, dry_run)
+            .await
+            .map_err(|e| e.to_string())
+    })?;
+    let mut stdout = std::io::stdout().lock();
+    if pending.is_empty() {
+        let _ = writeln!(
+            stdout,
+            "the schema of {} is up to date (version {})",
+            pg.url,
+            postgres::latest_version()
+        );
+    }
+    for migration in pending {
+        if dry_run {
+            let _ = writeln!(
+                stdout,
+                "-- migration {} (would run in one transaction)\n{}",
+                migration.name,
+                migration.sql.trim_end()
+            );
+        } else {
+            let _ = writeln!(stdout, "applied migration {}", migration.name);
+        }
+    }
+    Ok(())
+}
+
+/// `totpd store copy --from … --to …` (see `admin::copy`).
+fn copy_store(config: &Config, from: &str, to: &str) -> Result<(), String> {
+    let from = admin::copy::parse_location(from, config.cache_capacity)
+        .map_err(|e| format!("--from: {e}"))?;
+    let to =
+        admin::copy::parse_location(to, config.cache_capacity).map_err(|e| format!("--to: {e}"))?;
+    let out = runtime()?.block_on(admin::copy::copy(&from, &to))?;
     print!("{out}");
     Ok(())
 }

@@ -13,6 +13,7 @@ use crate::domain::lockout::LockPolicy;
 use crate::domain::totp::MAX_SKEW;
 use crate::limits::Rate;
 use crate::service::password::Argon2Settings;
+use crate::store::{DatabaseUrl, PostgresConfig, StoreConfig};
 
 pub const ENV_PREFIX: &str = "TOTPD_";
 /// The file read when neither `--config` nor `TOTPD_CONFIG` names one, if it exists.
@@ -63,6 +64,20 @@ pub struct Config {
     pub metrics_allow: Vec<IpNet>,
     /// Serve the self-service page at `/` (`src/web.rs`).
     pub web_ui: bool,
+    /// Which store: the embedded sled database in `data_dir`, or PostgreSQL at `database_url`.
+    pub store: StoreKind,
+    /// Never logged whole: it prints with the password masked.
+    pub database_url: Option<DatabaseUrl>,
+    pub database_pool_size: usize,
+    /// Milliseconds to wait for a database connection before answering 503.
+    pub database_timeout_ms: u64,
+    pub database_ca_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreKind {
+    Sled,
+    Postgres,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,6 +100,23 @@ impl Config {
         self.master_key_file
             .clone()
             .unwrap_or_else(|| self.data_dir.join("master.key"))
+    }
+
+    /// The store settings: where the store lives and how to reach it.
+    pub fn store_config(&self) -> StoreConfig {
+        match (self.store, &self.database_url) {
+            (StoreKind::Postgres, Some(url)) => StoreConfig::Postgres(PostgresConfig {
+                url: url.clone(),
+                pool_size: self.database_pool_size,
+                timeout: std::time::Duration::from_millis(self.database_timeout_ms),
+                ca_file: self.database_ca_file.clone(),
+            }),
+            // `load` refuses postgres without a URL; a hand-built config falls back to sled.
+            _ => StoreConfig::Sled {
+                data_dir: self.data_dir.clone(),
+                cache_capacity: self.cache_capacity,
+            },
+        }
     }
 
     /// `hash_threads` with 0 resolved to one less than the CPU cores (at least one), so that a
@@ -140,6 +172,11 @@ impl Default for Config {
             tls_key: None,
             metrics_allow: Vec::new(),
             web_ui: true,
+            store: StoreKind::Sled,
+            database_url: None,
+            database_pool_size: 16,
+            database_timeout_ms: 2000,
+            database_ca_file: None,
         }
     }
 }
@@ -294,6 +331,36 @@ pub const KEYS: &[Key] = &[
             return Err("must not be empty".into());
         }
         c.data_dir = PathBuf::from(s);
+        Ok(())
+    }),
+    Key::text("store", |c, s| {
+        c.store = match s.as_str() {
+            "sled" => StoreKind::Sled,
+            "postgres" => StoreKind::Postgres,
+            _ => return Err("must be \"sled\" or \"postgres\"".into()),
+        };
+        Ok(())
+    }),
+    // The message never repeats the value: it may hold the password.
+    Key::text("database_url", |c, s| {
+        if s.is_empty() {
+            c.database_url = None;
+            return Ok(());
+        }
+        s.parse::<tokio_postgres::Config>().map_err(|e| {
+            format!("is not a PostgreSQL URL like postgres://user:password@host/db ({e})")
+        })?;
+        c.database_url = Some(DatabaseUrl::new(s));
+        Ok(())
+    }),
+    Key::integer("database_pool_size", 1, 1000, |c, v| {
+        c.database_pool_size = v as usize;
+    }),
+    Key::integer("database_timeout_ms", 50, 600_000, |c, v| {
+        c.database_timeout_ms = v;
+    }),
+    Key::text("database_ca_file", |c, s| {
+        c.database_ca_file = optional_path(s);
         Ok(())
     }),
     Key::text("issuer", |c, s| {
@@ -496,6 +563,9 @@ impl Config {
         if config.tls_cert.is_some() != config.tls_key.is_some() {
             problems.push("tls_cert and tls_key must be set together".into());
         }
+        if config.store == StoreKind::Postgres && config.database_url.is_none() {
+            problems.push("store = \"postgres\" needs database_url (TOTPD_DATABASE_URL)".into());
+        }
         if config.lockout.max_seconds < config.lockout.base_seconds {
             problems.push("lockout.max_seconds must be at least lockout.base_seconds".into());
         }
@@ -642,6 +712,41 @@ mod tests {
         };
         let problems = Config::load(&flags, env(&[])).expect_err("bad");
         assert!(problems[0].starts_with("--listen: must be IP:PORT"));
+    }
+
+    #[test]
+    fn postgres_needs_a_url_and_never_shows_its_password() {
+        let problems = Config::load(&Flags::default(), env(&[("TOTPD_STORE", "postgres")]))
+            .expect_err("no url");
+        assert!(problems[0].contains("needs database_url"), "{problems:?}");
+        let problems = Config::load(
+            &Flags::default(),
+            env(&[(
+                "TOTPD_DATABASE_URL",
+                "postgres://u:hunter2@h/db?sslmode=bogus",
+            )]),
+        )
+        .expect_err("bad url");
+        assert!(problems[0].starts_with("TOTPD_DATABASE_URL: is not a PostgreSQL URL"));
+        assert!(!problems[0].contains("hunter2"), "{problems:?}");
+        let config = Config::load(
+            &Flags::default(),
+            env(&[
+                ("TOTPD_STORE", "postgres"),
+                ("TOTPD_DATABASE_URL", "postgres://u:hunter2@h/db"),
+                ("TOTPD_DATABASE_POOL_SIZE", "4"),
+            ]),
+        )
+        .expect("valid");
+        let StoreConfig::Postgres(pg) = config.store_config() else {
+            panic!("a postgres store")
+        };
+        assert_eq!(pg.pool_size, 4);
+        assert_eq!(pg.url.expose(), "postgres://u:hunter2@h/db");
+        for shown in [format!("{config:?}"), config.store_config().describe()] {
+            assert!(!shown.contains("hunter2"), "{shown}");
+            assert!(shown.contains("u:***@h"), "{shown}");
+        }
     }
 
     #[test]

@@ -90,6 +90,22 @@ pub struct StoreGauges {
     /// Group-commit flushes done, and the durable writes they acknowledged.
     pub flushes: u64,
     pub acknowledged_writes: u64,
+    /// The database connection pool (PostgreSQL only).
+    pub pool: Option<PoolGauges>,
+}
+
+/// A database connection pool, as the store reports it.
+pub struct PoolGauges {
+    pub max_size: u64,
+    /// Connections open, and of them idle.
+    pub size: u64,
+    pub available: u64,
+    /// Requests waiting for a connection now.
+    pub waiting: u64,
+    /// Requests that found no connection within `database_timeout_ms` (answered 503).
+    pub timeouts: u64,
+    /// Store operations that failed in the database or its connection.
+    pub errors: u64,
 }
 
 impl Metrics {
@@ -245,6 +261,48 @@ impl Metrics {
             "Bytes the database files take.",
             gauges.database_bytes,
         );
+        if let Some(pool) = &gauges.pool {
+            for (name, kind, help, value) in [
+                (
+                    "totpd_db_pool_max_size",
+                    "gauge",
+                    "Connections the pool may open.",
+                    pool.max_size,
+                ),
+                (
+                    "totpd_db_pool_connections",
+                    "gauge",
+                    "Connections open.",
+                    pool.size,
+                ),
+                (
+                    "totpd_db_pool_idle",
+                    "gauge",
+                    "Open connections not in use.",
+                    pool.available,
+                ),
+                (
+                    "totpd_db_pool_waiting",
+                    "gauge",
+                    "Requests waiting for a connection.",
+                    pool.waiting,
+                ),
+                (
+                    "totpd_db_pool_timeouts_total",
+                    "counter",
+                    "Requests that got no connection in time (answered 503).",
+                    pool.timeouts,
+                ),
+                (
+                    "totpd_db_errors_total",
+                    "counter",
+                    "Store operations that failed in the database or its connection.",
+                    pool.errors,
+                ),
+            ] {
+                gauge(&mut out, name, kind, help, value);
+            }
+        }
         out
     }
 }
@@ -268,6 +326,14 @@ mod tests {
             database_bytes: 4096,
             flushes: 7,
             acknowledged_writes: 40,
+            pool: Some(PoolGauges {
+                max_size: 16,
+                size: 4,
+                available: 3,
+                waiting: 0,
+                timeouts: 2,
+                errors: 5,
+            }),
         });
         for line in [
             "totpd_http_requests_total{route=\"/api/v1/auth/totp/verify/\",status=\"200\"} 2",
@@ -285,6 +351,12 @@ mod tests {
             "totpd_database_bytes 4096",
             "totpd_store_flushes_total 7",
             "totpd_store_acknowledged_writes_total 40",
+            "totpd_db_pool_max_size 16",
+            "totpd_db_pool_connections 4",
+            "totpd_db_pool_idle 3",
+            "totpd_db_pool_waiting 0",
+            "totpd_db_pool_timeouts_total 2",
+            "totpd_db_errors_total 5",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line}\n{text}");
         }

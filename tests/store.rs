@@ -8,11 +8,11 @@ use totpd::store::{StoreConfig, open};
 
 async fn sled_store() -> TestStore {
     let dir = tempfile::tempdir().expect("tempdir");
-    let config = StoreConfig {
+    let config = StoreConfig::Sled {
         data_dir: dir.path().join("data"),
         cache_capacity: 4 * 1024 * 1024,
     };
-    let store = open(&config).expect("the store opens");
+    let store = open(&config).await.expect("the store opens");
     TestStore {
         store: Arc::clone(&store),
         keep: Box::new(dir),

@@ -166,11 +166,12 @@ impl Seeder {
             .enable_all()
             .build()
             .map_err(err)?;
-        let store = totpd::store::open(&StoreConfig {
-            data_dir: data_dir.to_path_buf(),
-            cache_capacity: SEED_CACHE,
-        })
-        .map_err(err)?;
+        let store = runtime
+            .block_on(totpd::store::open(&StoreConfig::Sled {
+                data_dir: data_dir.to_path_buf(),
+                cache_capacity: SEED_CACHE,
+            }))
+            .map_err(err)?;
         // The master key file the server will find in the data dir (created on first open).
         let config = Config {
             data_dir: data_dir.to_path_buf(),

@@ -1,6 +1,7 @@
 //! The backup file: a consistent snapshot of every record (users, keys, audit events, and the
 //! store's own `meta` records: the master-key check and the next user id), with a checksum,
-//! written while the server keeps serving and restored, all or nothing, into an empty data dir.
+//! written while the server keeps serving and restored, all or nothing, into an empty store (a sled data dir or a PostgreSQL database: the
+//! records are the same bytes in both).
 //! The master key is not in it: back it up apart.
 //!
 //! Format: `TOTPD-BACKUP\n` and a version byte; records `1, kind len (u16), kind, key len
@@ -224,10 +225,10 @@ pub async fn restore(path: &Path, config: &StoreConfig) -> Result<u64, String> {
     let expected = tokio::task::spawn_blocking(move || read(&file, |_| Ok(())))
         .await
         .map_err(|e| e.to_string())??;
-    if store::exists(&config.data_dir) {
+    if store::holds_data(config).await? {
         return Err(format!(
-            "{} already holds a database: restore needs an empty data dir",
-            config.data_dir.display()
+            "{} already holds a database: restore needs an empty store",
+            config.describe()
         ));
     }
     let (sink, records) = mpsc::channel::<BackupRecord>(1024);

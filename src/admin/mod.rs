@@ -5,6 +5,7 @@
 //! `<data dir>/admin.sock` (mode 0600: only the owner can administer) and the server executes it.
 
 pub mod backup;
+pub mod copy;
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};

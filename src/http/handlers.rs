@@ -8,7 +8,7 @@ use warp::reply::Response;
 use super::SharedState;
 use super::qr;
 use crate::error::{Error, json_response};
-use crate::metrics::StoreGauges;
+use crate::metrics::{PoolGauges, StoreGauges};
 use crate::service::input::{
     LoginForm, NoBody, PasswordChange, RecoveryCodesRegenerate, RegistrationForm, TotpActivate,
     TotpDeactivate, TotpVerify,
@@ -213,6 +213,14 @@ pub async fn metrics(state: SharedState, ctx: Ctx) -> Reply {
         database_bytes: stats.bytes_on_disk,
         flushes: stats.flushes,
         acknowledged_writes: stats.acknowledged_writes,
+        pool: stats.pool.map(|pool| PoolGauges {
+            max_size: pool.max_size,
+            size: pool.size,
+            available: pool.available,
+            waiting: pool.waiting,
+            timeouts: pool.timeouts,
+            errors: pool.errors,
+        }),
     };
     let mut response = Response::new(state.metrics.render(&gauges).into());
     response.headers_mut().insert(

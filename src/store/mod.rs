@@ -5,20 +5,23 @@
 //!
 //! Durability is the type's promise: every mutating method returns only once its write is
 //! durable (the sled backend shares one flush and fsync among concurrent writers: group
-//! commit), so no caller can forget to wait for it.
+//! commit; PostgreSQL commits with `synchronous_commit` on), so no caller can forget to wait.
 //!
-//! Backends: [`sled`](self::sled) (embedded, the default). [`conformance`] holds the tests
-//! every backend must pass.
+//! Backends: `sled` (embedded, the default: one process per data dir) and [`postgres`] (shared:
+//! several instances serve one user base), chosen in `backends`. [`conformance`] holds the
+//! tests every backend must pass.
 
 mod backends;
 pub mod codec;
 pub mod conformance;
 pub mod group_commit;
 mod port;
+pub mod postgres;
 mod sled;
 
-pub use backends::{StoreConfig, exists, open, restore};
+pub use backends::{StoreConfig, exists, holds_data, open, restore};
 pub use port::{
-    BackupRecord, OpenError, SCHEMA_VERSION, Store, StoreError, StoreStats, UserChange,
+    BackupRecord, OpenError, PoolStats, SCHEMA_VERSION, Store, StoreError, StoreStats, UserChange,
     UsernameTaken, Writes,
 };
+pub use postgres::{DatabaseUrl, PostgresConfig};

@@ -56,6 +56,13 @@ pub enum OpenError {
         path: PathBuf,
         cause: String,
     },
+    /// The database refused or could not be reached (the message names no password).
+    Database(String),
+    /// The database's schema was migrated by a newer totpd.
+    NewerDatabaseSchema {
+        found: u64,
+        supported: u64,
+    },
 }
 
 impl std::fmt::Display for OpenError {
@@ -75,6 +82,13 @@ impl std::fmt::Display for OpenError {
             OpenError::Io { path, cause } => {
                 write!(f, "cannot open the data dir {}: {cause}", path.display())
             }
+            OpenError::Database(cause) => write!(f, "database: {cause}"),
+            OpenError::NewerDatabaseSchema { found, supported } => write!(
+                f,
+                "the database has schema version {found}, newer than this totpd understands \
+                 ({supported}); use a newer totpd (every instance on one database must be as new \
+                 as the newest)"
+            ),
         }
     }
 }
@@ -117,6 +131,20 @@ pub struct StoreStats {
     pub bytes_on_disk: u64,
     pub flushes: u64,
     pub acknowledged_writes: u64,
+    /// The connection pool, for a store that has one.
+    pub pool: Option<PoolStats>,
+}
+
+/// A connection pool's state: gauges (`max_size`, `size`, `available`, `waiting`) and counters
+/// since start (`timeouts`: no connection within the wait; `errors`: failed operations).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PoolStats {
+    pub max_size: u64,
+    pub size: u64,
+    pub available: u64,
+    pub waiting: u64,
+    pub timeouts: u64,
+    pub errors: u64,
 }
 
 #[async_trait]

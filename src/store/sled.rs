@@ -712,6 +712,7 @@ impl Store for SledStore {
             bytes_on_disk: self.0.db.size_on_disk().unwrap_or(0),
             flushes,
             acknowledged_writes,
+            pool: None,
         }
     }
 

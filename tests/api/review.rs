@@ -221,7 +221,9 @@ async fn passwords_are_rehashed_when_the_argon2_settings_change() {
         StatusCode::OK
     );
     let (dir, config) = app.stop().await;
-    let store = totpd::store::open(&totpd::app::store_config(&config)).expect("open");
+    let store = totpd::store::open(&totpd::app::store_config(&config))
+        .await
+        .expect("open");
     let hash = store
         .user_by_name("alice")
         .await

@@ -140,3 +140,98 @@ pub async fn serve_in_process(
 pub fn report(line: &str) {
     let _ = writeln!(std::io::stderr().lock(), "{line}");
 }
+
+/// The PostgreSQL server the tests may use: `TOTPD_TEST_DATABASE_URL` (`.ci/run` starts one).
+pub const TEST_DATABASE_VAR: &str = "TOTPD_TEST_DATABASE_URL";
+
+/// The test database's URL, or `None` after a loud note on stderr: PostgreSQL tests then
+/// skip, except under CI (`CI` set), where a missing database fails them.
+pub fn test_database_url() -> Option<String> {
+    match std::env::var(TEST_DATABASE_VAR) {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ if std::env::var_os("CI").is_some() => {
+            panic!("{TEST_DATABASE_VAR} is not set, and CI is: the PostgreSQL tests must run")
+        }
+        _ => {
+            report(&format!(
+                "SKIPPED: {TEST_DATABASE_VAR} is not set, so this PostgreSQL test did not run \
+                 (`source ci/postgres.sh start` sets it)"
+            ));
+            None
+        }
+    }
+}
+
+/// A schema of its own in the test database, for one test: dropped when this is dropped.
+pub struct TestSchema {
+    /// The test database's URL with `search_path` set to the schema.
+    pub url: String,
+    admin_url: String,
+    name: String,
+}
+
+impl TestSchema {
+    /// Creates a fresh schema `totpd_test_<random>` in `base` (the test database's URL).
+    pub async fn create(base: &str) -> TestSchema {
+        let name = format!("totpd_test_{:016x}", rand::random::<u64>());
+        let (client, connection) = tokio_postgres::connect(base, tokio_postgres::NoTls)
+            .await
+            .expect("the test database answers");
+        tokio::spawn(connection);
+        client
+            .batch_execute(&format!("CREATE SCHEMA {name}"))
+            .await
+            .expect("create the test schema");
+        let separator = if base.contains('?') { '&' } else { '?' };
+        TestSchema {
+            url: format!("{base}{separator}options=-c%20search_path%3D{name}"),
+            admin_url: base.to_owned(),
+            name,
+        }
+    }
+
+    /// `url` with its host and port replaced by `addr` (to reach the database through a proxy).
+    pub fn url_via(&self, addr: std::net::SocketAddr) -> String {
+        let (scheme, rest) = self.url.split_once("://").expect("a URL");
+        let (userinfo, after) = rest.rsplit_once('@').map_or(("", rest), |(u, a)| (u, a));
+        let path = &after[after.find('/').unwrap_or(after.len())..];
+        let at = if userinfo.is_empty() { "" } else { "@" };
+        format!("{scheme}://{userinfo}{at}{addr}{path}")
+    }
+
+    /// A store config on this schema.
+    pub fn store_config(&self, pool_size: usize) -> totpd::store::StoreConfig {
+        totpd::store::StoreConfig::Postgres(totpd::store::PostgresConfig {
+            url: totpd::store::DatabaseUrl::new(self.url.clone()),
+            pool_size,
+            timeout: Duration::from_secs(2),
+            ca_file: None,
+        })
+    }
+}
+
+impl Drop for TestSchema {
+    fn drop(&mut self) {
+        // Drop has no runtime to lean on: a thread of its own, with its own small runtime.
+        let (url, name) = (self.admin_url.clone(), self.name.clone());
+        let _ = std::thread::spawn(move || {
+            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            runtime.block_on(async move {
+                if let Ok((client, connection)) =
+                    tokio_postgres::connect(&url, tokio_postgres::NoTls).await
+                {
+                    tokio::spawn(connection);
+                    let _ = client
+                        .batch_execute(&format!("DROP SCHEMA IF EXISTS {name} CASCADE"))
+                        .await;
+                }
+            });
+        })
+        .join();
+    }
+}
