@@ -19,6 +19,16 @@ pub enum LoginResult {
     TotpRequired { temp_token: String, expires_in: u64 },
 }
 
+/// How one round of the password step ended.
+enum PasswordRound {
+    /// A key, or a temp token for the code step.
+    Issued(LoginResult),
+    /// The hash checked was replaced meanwhile (a rehash, or a new password): check again.
+    HashReplaced,
+    /// A wrong password, or no such user (any more).
+    Refused,
+}
+
 fn username_taken() -> Error {
     Error::Fields(vec![FieldError::new(
         "username",
@@ -45,7 +55,8 @@ impl Service {
         self.store
             .create_user(username, &hash, ctx.now, created)
             .await?
-            .map_err(|_| username_taken())
+            .user()
+            .ok_or_else(username_taken)
     }
 
     /// Self-service sign-up, when the configuration allows it.
@@ -79,12 +90,12 @@ impl Service {
                 .check_password_and_issue(&input.username, &input.password, ctx)
                 .await?
             {
-                Some(Ok(result)) => {
+                PasswordRound::Issued(result) => {
                     self.login_failures.give_back(&input.username);
                     return Ok(result);
                 }
-                Some(Err(PasswordChanged)) => continue,
-                None => break,
+                PasswordRound::HashReplaced => continue,
+                PasswordRound::Refused => break,
             }
         }
         let failed = named_event(ctx, EventKind::Login, None, Some(&input.username), "failed");
@@ -92,14 +103,13 @@ impl Service {
         Err(Error::InvalidCredentials)
     }
 
-    /// One round of the password step: `None` when the password is wrong (or there is no
-    /// such user), else what issuing gave — refused if the hash checked is no longer stored.
+    /// One round of the password step.
     async fn check_password_and_issue(
         &self,
         username: &str,
         password: &str,
         ctx: &Ctx,
-    ) -> Result<Option<Result<LoginResult, PasswordChanged>>, Error> {
+    ) -> Result<PasswordRound, Error> {
         let user = self.store.user_by_name(username).await?;
         let checked = user.as_ref().map(|u| u.password_hash.clone());
         let valid = self
@@ -107,7 +117,7 @@ impl Service {
             .verify(password.to_owned(), checked.clone())
             .await?;
         let (Some(user), Some(checked), true) = (user, checked, valid) else {
-            return Ok(None);
+            return Ok(PasswordRound::Refused);
         };
         let rehashed = match self.hasher.needs_rehash(&checked) {
             true => Some(self.hasher.hash(password.to_owned()).await?),
@@ -148,14 +158,16 @@ impl Service {
             })
             .await?;
         Ok(match step {
-            Some(Ok(PasswordStep::TotpRequired)) => Some(Ok(LoginResult::TotpRequired {
-                temp_token,
-                expires_in: self.policy.temp_token_ttl,
-            })),
-            Some(Ok(PasswordStep::Key { .. })) => Some(Ok(LoginResult::Key(key))),
-            Some(Err(changed)) => Some(Err(changed)),
+            Some(Ok(PasswordStep::TotpRequired)) => {
+                PasswordRound::Issued(LoginResult::TotpRequired {
+                    temp_token,
+                    expires_in: self.policy.temp_token_ttl,
+                })
+            }
+            Some(Ok(PasswordStep::Key { .. })) => PasswordRound::Issued(LoginResult::Key(key)),
+            Some(Err(PasswordChanged)) => PasswordRound::HashReplaced,
             // Deleted meanwhile.
-            None => None,
+            None => PasswordRound::Refused,
         })
     }
 

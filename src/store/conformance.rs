@@ -12,7 +12,7 @@ use std::collections::BTreeSet;
 use std::future::Future;
 use std::sync::Arc;
 
-use super::port::{BackupRecord, Store, UserChange, Writes};
+use super::port::{BackupRecord, Created, Store, UserChange, Writes};
 use crate::domain::audit::{AuditEvent, EventKind};
 use crate::domain::keys::{self, KeyCheck, KeyLifetime};
 use crate::domain::lockout::LockPolicy;
@@ -83,6 +83,7 @@ async fn new_user(store: &dyn Store, name: &str) -> User {
         .create_user(name, "$argon2id$hash", NOW, created(EventKind::UserCreated))
         .await
         .expect("store")
+        .user()
         .expect("a new name")
 }
 
@@ -174,7 +175,7 @@ where
         .create_user("alice", "x", NOW, created(EventKind::UserCreated))
         .await
         .expect("store");
-    assert!(again.is_err(), "a taken name is refused");
+    assert_eq!(again, Created::NameTaken, "a taken name is refused");
     assert_eq!(
         store.user_by_name("alice").await.expect("store"),
         Some(alice.clone())

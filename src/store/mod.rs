@@ -21,7 +21,7 @@ mod sled;
 
 pub use backends::{StoreConfig, exists, holds_data, open, restore};
 pub use port::{
-    BackupRecord, OpenError, PoolStats, SCHEMA_VERSION, Store, StoreError, StoreStats, UserChange,
-    UsernameTaken, Writes,
+    BackupRecord, Created, OpenError, PoolStats, SCHEMA_VERSION, Store, StoreError, StoreStats,
+    UserChange, Writes,
 };
 pub use postgres::{DatabaseUrl, PostgresConfig};

@@ -95,9 +95,22 @@ impl std::fmt::Display for OpenError {
 
 impl std::error::Error for OpenError {}
 
-/// The name asked for is taken.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct UsernameTaken;
+/// What creating a user gave: the new user, or nothing because the name is taken.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Created {
+    User(Box<User>),
+    NameTaken,
+}
+
+impl Created {
+    /// The new user, if one was created.
+    pub fn user(self) -> Option<User> {
+        match self {
+            Created::User(user) => Some(*user),
+            Created::NameTaken => None,
+        }
+    }
+}
 
 /// What a change of a user writes besides the user, in the same durable step.
 #[derive(Debug, Default)]
@@ -168,7 +181,7 @@ pub trait Store: Send + Sync {
         password_hash: &str,
         now: UnixTime,
         event: AuditEvent,
-    ) -> Result<Result<User, UsernameTaken>, StoreError>;
+    ) -> Result<Created, StoreError>;
     /// Applies `change` to the user atomically; the user as written, or `None` if no such user.
     async fn update_user(
         &self,

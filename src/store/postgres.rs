@@ -36,8 +36,7 @@ use tokio_postgres::{IsolationLevel, NoTls};
 
 use super::codec::{decode, encode};
 use super::port::{
-    BackupRecord, OpenError, PoolStats, Store, StoreError, StoreStats, UserChange, UsernameTaken,
-    Writes,
+    BackupRecord, Created, OpenError, PoolStats, Store, StoreError, StoreStats, UserChange, Writes,
 };
 use crate::clock::UnixTime;
 use crate::domain::audit::AuditEvent;
@@ -452,12 +451,12 @@ impl PostgresStore {
         password_hash: &str,
         now: UnixTime,
         mut event: AuditEvent,
-    ) -> Result<Result<User, UsernameTaken>, StoreError> {
+    ) -> Result<Created, StoreError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(backend)?;
         // The id comes from a sequence, which never gives a number twice (even when this
         // transaction rolls back); the name is claimed by the insert itself, so two instances
-        // creating one name at once get one success and one `UsernameTaken`.
+        // creating one name at once get one success and one `NameTaken`.
         let id: i64 = tx
             .query_one("SELECT nextval('user_ids')", &[])
             .await
@@ -474,14 +473,14 @@ impl PostgresStore {
             .map_err(backend)?;
         if inserted == 0 {
             tx.rollback().await.map_err(backend)?;
-            return Ok(Err(UsernameTaken));
+            return Ok(Created::NameTaken);
         }
         event.user_id = Some(user.id);
         event.username = Some(user.username.clone());
         insert_events(&tx, std::slice::from_ref(&event)).await?;
         tx.commit().await.map_err(backend)?;
         self.0.counts.users.fetch_add(1, Ordering::Relaxed);
-        Ok(Ok(user))
+        Ok(Created::User(Box::new(user)))
     }
 
     async fn remove_user_now(
@@ -995,7 +994,7 @@ impl Store for PostgresStore {
         password_hash: &str,
         now: UnixTime,
         event: AuditEvent,
-    ) -> Result<Result<User, UsernameTaken>, StoreError> {
+    ) -> Result<Created, StoreError> {
         self.create_user_now(username, password_hash, now, event)
             .await
             .map_err(|e| self.failed(e))

@@ -26,8 +26,8 @@ use sled::transaction::{ConflictableTransactionError, TransactionError};
 use super::codec::{decode, encode};
 use super::group_commit::GroupCommit;
 use super::port::{
-    BackupRecord, OpenError, SCHEMA_VERSION, Store, StoreError, StoreStats, UserChange,
-    UsernameTaken, Writes,
+    BackupRecord, Created, OpenError, SCHEMA_VERSION, Store, StoreError, StoreStats, UserChange,
+    Writes,
 };
 use crate::clock::UnixTime;
 use crate::domain::audit::AuditEvent;
@@ -254,7 +254,7 @@ impl SledStore {
         username: &str,
         password_hash: &str,
         now: UnixTime,
-    ) -> Result<Result<User, UsernameTaken>, StoreError> {
+    ) -> Result<Created, StoreError> {
         let inner = &self.0;
         let default: &sled::Tree = &inner.db;
         // The id, the name and the user are written together (a rare operation: a transaction
@@ -263,7 +263,7 @@ impl SledStore {
         let result =
             (default, &inner.users, &inner.usernames).transaction(|(meta, users, usernames)| {
                 if usernames.get(username.as_bytes())?.is_some() {
-                    return Ok(Err(UsernameTaken));
+                    return Ok(Created::NameTaken);
                 }
                 let id = meta
                     .get(NEXT_ID_KEY)?
@@ -278,7 +278,7 @@ impl SledStore {
                 meta.insert(NEXT_ID_KEY, &(id + 1).to_be_bytes())?;
                 usernames.insert(username.as_bytes(), &id.to_be_bytes())?;
                 users.insert(&id.to_be_bytes(), encode(&user))?;
-                Ok(Ok(user))
+                Ok(Created::User(Box::new(user)))
             });
         let created = match result {
             Ok(created) => created,
@@ -289,7 +289,7 @@ impl SledStore {
             }
             Err(TransactionError::Storage(e)) => return Err(e.into()),
         };
-        if created.is_ok() {
+        if matches!(created, Created::User(_)) {
             inner.counts.users.fetch_add(1, Ordering::Relaxed);
         }
         Ok(created)
@@ -544,18 +544,18 @@ impl Store for SledStore {
         password_hash: &str,
         now: UnixTime,
         mut event: AuditEvent,
-    ) -> Result<Result<User, UsernameTaken>, StoreError> {
+    ) -> Result<Created, StoreError> {
         let created = {
             let _writing = self.write_gate();
             let created = self.create_user_now(username, password_hash, now)?;
-            if let Ok(user) = &created {
+            if let Created::User(user) = &created {
                 event.user_id = Some(user.id);
                 event.username = Some(user.username.clone());
                 self.queue_events(std::slice::from_ref(&event))?;
             }
             created
         };
-        if created.is_ok() {
+        if matches!(created, Created::User(_)) {
             self.persist().await?;
         }
         Ok(created)
