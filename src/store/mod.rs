@@ -14,6 +14,7 @@
 mod backends;
 pub mod codec;
 pub mod conformance;
+mod counts;
 pub mod group_commit;
 mod port;
 pub mod postgres;

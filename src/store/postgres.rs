@@ -24,7 +24,7 @@
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -35,6 +35,7 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{IsolationLevel, NoTls};
 
 use super::codec::{decode, encode};
+use super::counts::UserCounts;
 use super::port::{
     BackupRecord, Created, OpenError, PoolStats, Store, StoreError, StoreStats, UserChange, Writes,
 };
@@ -116,19 +117,9 @@ const VERSION_TABLE: &str = "CREATE TABLE IF NOT EXISTS schema_version (\
      version INTEGER PRIMARY KEY, name TEXT NOT NULL, \
      applied_at TIMESTAMPTZ NOT NULL DEFAULT now())";
 
-/// How many users there are and how many have TOTP active: counted by `recount` (the server
-/// does so after start and hourly) and kept up to date by this instance's own operations
-/// meanwhile; changes made through other instances show at the next recount.
-#[derive(Default)]
-struct Counts {
-    users: AtomicI64,
-    active: AtomicI64,
-    ready: AtomicBool,
-}
-
 struct Inner {
     pool: Pool,
-    counts: Counts,
+    counts: UserCounts,
     /// Requests that found no connection within the pool wait.
     timeouts: AtomicU64,
     /// Operations that failed in the database or the connection.
@@ -353,7 +344,7 @@ impl PostgresStore {
         drop(client);
         Ok(Self(Arc::new(Inner {
             pool: pool(config)?,
-            counts: Counts::default(),
+            counts: UserCounts::default(),
             timeouts: AtomicU64::new(0),
             errors: AtomicU64::new(0),
         })))
@@ -435,12 +426,7 @@ impl PostgresStore {
         apply_writes(&tx, user.id, &writes).await?;
         tx.commit().await.map_err(backend)?;
         if changed {
-            let delta = match (before.totp.is_some(), user.totp.is_some()) {
-                (false, true) => 1,
-                (true, false) => -1,
-                _ => 0,
-            };
-            self.0.counts.active.fetch_add(delta, Ordering::Relaxed);
+            self.0.counts.changed(&before, &user);
         }
         Ok(Some(user))
     }
@@ -479,7 +465,7 @@ impl PostgresStore {
         event.username = Some(user.username.clone());
         insert_events(&tx, std::slice::from_ref(&event)).await?;
         tx.commit().await.map_err(backend)?;
-        self.0.counts.users.fetch_add(1, Ordering::Relaxed);
+        self.0.counts.created();
         Ok(Created::User(Box::new(user)))
     }
 
@@ -513,10 +499,7 @@ impl PostgresStore {
         insert_events(&tx, events).await?;
         tx.commit().await.map_err(backend)?;
         if let Some(user) = &removed {
-            self.0.counts.users.fetch_sub(1, Ordering::Relaxed);
-            if user.totp.is_some() {
-                self.0.counts.active.fetch_sub(1, Ordering::Relaxed);
-            }
+            self.0.counts.removed(user);
         }
         Ok(removed)
     }
@@ -621,9 +604,7 @@ impl PostgresStore {
             .await
             .map_err(backend)?;
         let counts = &self.0.counts;
-        counts.users.store(row.get(0), Ordering::Relaxed);
-        counts.active.store(row.get(1), Ordering::Relaxed);
-        counts.ready.store(true, Ordering::Relaxed);
+        counts.set(row.get(0), row.get(1));
         Ok(())
     }
 
@@ -1156,14 +1137,9 @@ impl Store for PostgresStore {
     }
 
     fn stats(&self) -> StoreStats {
-        let counts = &self.0.counts;
-        let read = |n: &AtomicI64| n.load(Ordering::Relaxed).max(0) as u64;
         let status = self.0.pool.status();
         StoreStats {
-            counts: counts
-                .ready
-                .load(Ordering::Relaxed)
-                .then(|| (read(&counts.users), read(&counts.active))),
+            counts: self.0.counts.get(),
             pool: Some(PoolStats {
                 max_size: status.max_size as u64,
                 size: status.size as u64,

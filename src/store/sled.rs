@@ -16,7 +16,6 @@
 //! which reaches neither the file's metadata nor the disk's cache.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use async_trait::async_trait;
@@ -24,6 +23,7 @@ use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 
 use super::codec::{decode, encode};
+use super::counts::UserCounts;
 use super::group_commit::GroupCommit;
 use super::port::{
     BackupRecord, Created, OpenError, SCHEMA_VERSION, Store, StoreError, StoreStats, UserChange,
@@ -47,15 +47,6 @@ impl From<sled::Error> for StoreError {
     }
 }
 
-/// How many users there are, and how many have TOTP active: counted in the background after
-/// start (a scan would delay start-up) and kept up to date by the operations.
-#[derive(Default)]
-struct Counts {
-    users: AtomicI64,
-    active: AtomicI64,
-    ready: AtomicBool,
-}
-
 struct Inner {
     db: sled::Db,
     users: sled::Tree,
@@ -65,7 +56,7 @@ struct Inner {
     audit: sled::Tree,
     /// Audit events waiting for the next flush, which writes them in one batch first.
     audit_queue: Arc<Mutex<sled::Batch>>,
-    counts: Counts,
+    counts: UserCounts,
     /// Writers hold it shared while they write; an export holds it alone, so a backup is one
     /// consistent snapshot (sled has no snapshots of its own).
     gate: RwLock<()>,
@@ -132,7 +123,7 @@ impl SledStore {
             temp_tokens,
             audit,
             audit_queue,
-            counts: Counts::default(),
+            counts: UserCounts::default(),
             gate: RwLock::new(()),
             log,
             commit,
@@ -200,11 +191,7 @@ impl SledStore {
             {
                 continue;
             }
-            match (before.totp.is_some(), user.totp.is_some()) {
-                (false, true) => inner.counts.active.fetch_add(1, Ordering::Relaxed),
-                (true, false) => inner.counts.active.fetch_sub(1, Ordering::Relaxed),
-                _ => 0,
-            };
+            inner.counts.changed(&before, &user);
             if user.key_epoch > before.key_epoch {
                 if let Some(kept) = user.kept_key {
                     self.carry_key_over(&kept, id, user.key_epoch)?;
@@ -290,7 +277,7 @@ impl SledStore {
             Err(TransactionError::Storage(e)) => return Err(e.into()),
         };
         if matches!(created, Created::User(_)) {
-            inner.counts.users.fetch_add(1, Ordering::Relaxed);
+            inner.counts.created();
         }
         Ok(created)
     }
@@ -313,10 +300,7 @@ impl SledStore {
                 TransactionError::Storage(e) => e.into(),
             })?;
         if let Some(user) = &removed {
-            inner.counts.users.fetch_sub(1, Ordering::Relaxed);
-            if user.totp.is_some() {
-                inner.counts.active.fetch_sub(1, Ordering::Relaxed);
-            }
+            inner.counts.removed(user);
         }
         Ok(removed)
     }
@@ -468,9 +452,7 @@ impl SledStore {
             active += i64::from(decode::<User>(&bytes?)?.totp.is_some());
         }
         let counts = &self.0.counts;
-        counts.users.store(users, Ordering::Relaxed);
-        counts.active.store(active, Ordering::Relaxed);
-        counts.ready.store(true, Ordering::Relaxed);
+        counts.set(users, active);
         Ok(())
     }
 
@@ -701,14 +683,9 @@ impl Store for SledStore {
     }
 
     fn stats(&self) -> StoreStats {
-        let counts = &self.0.counts;
-        let read = |n: &AtomicI64| n.load(Ordering::Relaxed).max(0) as u64;
         let (flushes, acknowledged_writes) = self.0.commit.stats();
         StoreStats {
-            counts: counts
-                .ready
-                .load(Ordering::Relaxed)
-                .then(|| (read(&counts.users), read(&counts.active))),
+            counts: self.0.counts.get(),
             bytes_on_disk: self.0.db.size_on_disk().unwrap_or(0),
             flushes,
             acknowledged_writes,
