@@ -5,14 +5,14 @@
 use super::core::{Ctx, Service, Session, event, locked, refusal_error, refusal_events};
 use super::input::{TotpVerify, VerifyCode};
 use crate::clock::UnixTime;
-use crate::domain::audit::{AuditEvent, EventKind};
+use crate::domain::audit::EventKind;
 use crate::domain::enrolment::{self, EnrolmentRefusal, RecoveryHashes};
 use crate::domain::keys;
 use crate::domain::login::{self, CodeStepRefusal};
 use crate::domain::second_factor::{Proof, Refusal, Rejection};
 use crate::domain::secrets;
 use crate::domain::totp::{self, Code, Located, Secret};
-use crate::domain::user::{PendingTotp, StoredSecret, User};
+use crate::domain::user::{PendingTotp, StoredSecret, User, UserId};
 use crate::error::{Error, FieldError};
 use crate::metrics::VerifyOutcome;
 use crate::store::Writes;
@@ -146,31 +146,24 @@ impl Service {
             hashes: codes.hashes,
         };
         let policy = &self.policy.lockout;
-        let outcome = self
-            .change(user.id, |user| {
-                let outcome = enrolment::activate(
+        self.guarded_change(
+            user.id,
+            EventKind::Activate,
+            ctx,
+            Error::TotpNotPending,
+            |user| {
+                enrolment::activate(
                     user,
                     &pending.secret,
                     &proof,
                     recovery.clone(),
                     policy,
                     ctx.now,
-                );
-                let events = self.guarded_events(ctx, EventKind::Activate, user, &outcome);
-                (
-                    outcome,
-                    Writes {
-                        events,
-                        ..Writes::default()
-                    },
                 )
-            })
-            .await?;
-        match outcome {
-            Some(Ok(())) => Ok(codes.shown),
-            Some(Err(refusal)) => Err(self.enrolment_error(refusal, ctx.now)),
-            None => Err(Error::TotpNotPending),
-        }
+            },
+        )
+        .await?;
+        Ok(codes.shown)
     }
 
     /// The code step of a login: a current code (a step later than the last one used) or an
@@ -260,25 +253,13 @@ impl Service {
         };
         let keep = session.key_digest;
         let policy = &self.policy.lockout;
-        let outcome = self
-            .change(user.id, |user| {
-                let code = proof.as_ref().map(|p| (p, &active.secret));
-                let outcome = enrolment::deactivate(user, code, &keep, policy, ctx.now);
-                let events = self.guarded_events(ctx, EventKind::Deactivate, user, &outcome);
-                (
-                    outcome,
-                    Writes {
-                        events,
-                        ..Writes::default()
-                    },
-                )
-            })
-            .await?;
-        match outcome {
-            Some(Ok(_)) => Ok(()),
-            Some(Err(refusal)) => Err(self.enrolment_error(refusal, ctx.now)),
-            None => Err(Error::TotpNotActive),
-        }
+        let kind = EventKind::Deactivate;
+        self.guarded_change(user.id, kind, ctx, Error::TotpNotActive, |user| {
+            let code = proof.as_ref().map(|p| (p, &active.secret));
+            enrolment::deactivate(user, code, &keep, policy, ctx.now)
+        })
+        .await?;
+        Ok(())
     }
 
     /// A fresh set of recovery codes, for a current code or a recovery code; the old set stops
@@ -300,18 +281,41 @@ impl Service {
             hashes: codes.hashes,
         };
         let policy = &self.policy.lockout;
+        let kind = EventKind::RecoveryCodesRegenerated;
+        self.guarded_change(user.id, kind, ctx, Error::TotpNotActive, |user| {
+            enrolment::regenerate_recovery_codes(
+                user,
+                &proof,
+                &active.secret,
+                recovery.clone(),
+                policy,
+                ctx.now,
+            )
+        })
+        .await?;
+        Ok(codes.shown)
+    }
+
+    /// Applies a code-guarded change of the TOTP state (`change`, a function of `enrolment`)
+    /// with its audit events; a refusal becomes its answer, a vanished user `missing`.
+    async fn guarded_change<T: Send>(
+        &self,
+        id: UserId,
+        kind: EventKind,
+        ctx: &Ctx,
+        missing: Error,
+        mut change: impl FnMut(&mut User) -> Result<T, EnrolmentRefusal> + Send,
+    ) -> Result<T, Error> {
         let outcome = self
-            .change(user.id, |user| {
-                let outcome = enrolment::regenerate_recovery_codes(
-                    user,
-                    &proof,
-                    &active.secret,
-                    recovery.clone(),
-                    policy,
-                    ctx.now,
-                );
-                let kind = EventKind::RecoveryCodesRegenerated;
-                let events = self.guarded_events(ctx, kind, user, &outcome);
+            .change(id, |user| {
+                let outcome = change(user);
+                let events = match &outcome {
+                    Ok(_) => vec![event(ctx, kind, Some(user), "ok")],
+                    Err(EnrolmentRefusal::Code(refusal)) => {
+                        refusal_events(ctx, kind, user, *refusal)
+                    }
+                    Err(_) => Vec::new(),
+                };
                 (
                     outcome,
                     Writes {
@@ -322,24 +326,9 @@ impl Service {
             })
             .await?;
         match outcome {
-            Some(Ok(_)) => Ok(codes.shown),
+            Some(Ok(value)) => Ok(value),
             Some(Err(refusal)) => Err(self.enrolment_error(refusal, ctx.now)),
-            None => Err(Error::TotpNotActive),
-        }
-    }
-
-    /// The audit events of a code-guarded change of the TOTP state.
-    fn guarded_events<T>(
-        &self,
-        ctx: &Ctx,
-        kind: EventKind,
-        user: &User,
-        outcome: &Result<T, EnrolmentRefusal>,
-    ) -> Vec<AuditEvent> {
-        match outcome {
-            Ok(_) => vec![event(ctx, kind, Some(user), "ok")],
-            Err(EnrolmentRefusal::Code(refusal)) => refusal_events(ctx, kind, user, *refusal),
-            Err(_) => Vec::new(),
+            None => Err(missing),
         }
     }
 
