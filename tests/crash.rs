@@ -124,59 +124,8 @@ fn log_problems(log: &Path) -> Vec<String> {
         .collect()
 }
 
-#[derive(Clone)]
-struct Api {
-    base: String,
-    client: reqwest::Client,
-}
-
-type Answer = Result<(u16, Value), reqwest::Error>;
-
-impl Api {
-    async fn post(&self, path: &str, key: Option<&str>, body: Value) -> Answer {
-        let mut request = self
-            .client
-            .post(format!("{}/api/v1/auth/{path}", self.base))
-            .json(&body);
-        if let Some(key) = key {
-            request = request.header("Authorization", format!("Token {key}"));
-        }
-        let response = request.send().await?;
-        let status = response.status().as_u16();
-        let text = response.text().await?;
-        Ok((status, serde_json::from_str(&text).unwrap_or(Value::Null)))
-    }
-
-    async fn status(&self, key: &str) -> Answer {
-        let response = self
-            .client
-            .get(format!("{}/api/v1/auth/totp/", self.base))
-            .header("Authorization", format!("Token {key}"))
-            .send()
-            .await?;
-        let status = response.status().as_u16();
-        let text = response.text().await?;
-        Ok((status, serde_json::from_str(&text).unwrap_or(Value::Null)))
-    }
-
-    async fn login(&self, name: &str) -> Answer {
-        self.post(
-            "login/",
-            None,
-            json!({"username": name, "password": PASSWORD}),
-        )
-        .await
-    }
-
-    async fn verify(&self, temp: &str, token: &str) -> Answer {
-        self.post(
-            "totp/verify/",
-            None,
-            json!({"temp_token": temp, "token": token}),
-        )
-        .await
-    }
-}
+type Api = common::ApiClient;
+type Answer = reqwest::Result<common::ApiAnswer>;
 
 // ---- the model ----
 
@@ -347,7 +296,7 @@ async fn one_action(
 
 async fn login_for_key(a: &mut Account, api: &Api, f: &Figures) -> Result<(), reqwest::Error> {
     a.in_flight = Some(Op::Login);
-    let (status, body) = api.login(&a.name).await?;
+    let (status, body) = api.login(&a.name, PASSWORD).await?;
     a.in_flight = None;
     match (status, body["key"].as_str()) {
         (200, Some(key)) => {
@@ -461,7 +410,7 @@ async fn verify(
     f: &Figures,
 ) -> Result<(), reqwest::Error> {
     a.in_flight = Some(Op::Login);
-    let (status, body) = api.login(&a.name).await?;
+    let (status, body) = api.login(&a.name, PASSWORD).await?;
     a.in_flight = None;
     let Some(temp) = body["temp_token"].as_str().map(str::to_owned) else {
         f.violation(format!(
@@ -669,7 +618,7 @@ async fn check_state(a: &Account, api: &Api, f: &Figures) {
 
 /// A temp token for checks, with the number of wrong codes it can still take.
 async fn fresh_temp(a: &Account, api: &Api, f: &Figures) -> Option<(String, u32)> {
-    let (status, body) = must(api.login(&a.name).await, "login");
+    let (status, body) = must(api.login(&a.name, PASSWORD).await, "login");
     match body["temp_token"].as_str() {
         Some(temp) => Some((temp.to_owned(), TEMP_TOKEN_ATTEMPTS - 1)),
         None => {
@@ -779,7 +728,7 @@ impl World {
                 .await
                 .expect("register");
             assert_eq!(status, 201, "{body}");
-            let (status, body) = server.api.login(&name).await.expect("login");
+            let (status, body) = server.api.login(&name, PASSWORD).await.expect("login");
             assert_eq!(status, 200, "{body}");
             accounts.push(Account {
                 name,

@@ -27,57 +27,26 @@ use common::{TestSchema, test_database_url};
 const PASSWORD: &str = "password123";
 const NOW: u64 = 1_800_000_015;
 
-/// One server on the shared database.
-struct Instance {
-    base: String,
-    client: reqwest::Client,
-}
+/// One server on the shared database: the common client, answers expected.
+struct Instance(common::ApiClient);
 
-type Answer = (u16, Value);
+type Answer = common::ApiAnswer;
 
 impl Instance {
-    async fn send(&self, request: reqwest::RequestBuilder) -> Answer {
-        let response = request.send().await.expect("answered");
-        let status = response.status().as_u16();
-        let text = response.text().await.expect("body");
-        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
-    }
-
     async fn post(&self, path: &str, key: Option<&str>, body: Value) -> Answer {
-        let mut request = self
-            .client
-            .post(format!("{}/api/v1/auth/{path}", self.base))
-            .json(&body);
-        if let Some(key) = key {
-            request = request.header("Authorization", format!("Token {key}"));
-        }
-        self.send(request).await
+        self.0.post(path, key, body).await.expect("answered")
     }
 
     async fn get(&self, path: &str, key: Option<&str>) -> Answer {
-        let mut request = self.client.get(format!("{}{path}", self.base));
-        if let Some(key) = key {
-            request = request.header("Authorization", format!("Token {key}"));
-        }
-        self.send(request).await
+        self.0.get(path, key).await.expect("answered")
     }
 
     async fn login(&self, name: &str) -> Answer {
-        self.post(
-            "login/",
-            None,
-            json!({"username": name, "password": PASSWORD}),
-        )
-        .await
+        self.0.login(name, PASSWORD).await.expect("answered")
     }
 
     async fn verify(&self, temp: &str, token: &str) -> Answer {
-        self.post(
-            "totp/verify/",
-            None,
-            json!({"temp_token": temp, "token": token}),
-        )
-        .await
+        self.0.verify(temp, token).await.expect("answered")
     }
 }
 
@@ -129,10 +98,7 @@ async fn cluster(users: usize, tune: impl Fn(&mut Config)) -> Option<Cluster> {
             .await
             .expect("user");
     }
-    let instance = |base| Instance {
-        base,
-        client: reqwest::Client::new(),
-    };
+    let instance = |base| Instance(common::ApiClient::new(base));
     Some(Cluster {
         a: instance(base_a),
         b: instance(base_b),
@@ -214,8 +180,9 @@ async fn a_two_step_login_crosses_instances() {
     assert_eq!((status, body["status"].clone()), (200, json!("ok")));
     let metrics = cluster
         .a
+        .0
         .client
-        .get(format!("{}/metrics", cluster.a.base))
+        .get(format!("{}/metrics", cluster.a.0.base))
         .send()
         .await
         .expect("metrics")
@@ -387,10 +354,7 @@ async fn a_database_outage_gives_503s_then_recovery() {
         .create_user("user0", PASSWORD.to_owned(), "test", &ctx)
         .await
         .expect("user");
-    let app = Arc::new(Instance {
-        base,
-        client: reqwest::Client::new(),
-    });
+    let app = Arc::new(Instance(common::ApiClient::new(base)));
 
     let stop = Arc::new(AtomicBool::new(false));
     let mut load = Vec::new();
@@ -595,30 +559,23 @@ async fn kill_9_of_one_instance_under_load_loses_no_acknowledged_change() {
     };
     let (mut a, base_a) = serve("a");
     let (mut b, base_b) = serve("b");
-    let a_instance = Arc::new(Instance {
-        base: base_a,
-        client: reqwest::Client::new(),
-    });
+    let a_instance = Arc::new(common::ApiClient::new(base_a));
     let mut load = Vec::new();
     for _ in 0..4 {
         let on = Arc::clone(&a_instance);
         load.push(tokio::spawn(async move {
             let mut keys = Vec::new();
             loop {
-                let request = on
-                    .client
-                    .post(format!("{}/api/v1/auth/login/", on.base))
-                    .json(&json!({"username": "user0", "password": PASSWORD}));
-                let Ok(response) = request.send().await else {
+                let Ok((status, body)) = on.login("user0", PASSWORD).await else {
                     return keys; // the instance is gone
                 };
-                if response.status() != 200 {
+                if status != 200 {
                     continue;
                 }
-                let Ok(body) = response.json::<Value>().await else {
-                    return keys;
+                let Some(key) = body["key"].as_str() else {
+                    return keys; // cut off mid-answer
                 };
-                keys.push(body["key"].as_str().expect("a key").to_owned());
+                keys.push(key.to_owned());
             }
         }));
     }
@@ -633,10 +590,7 @@ async fn kill_9_of_one_instance_under_load_loses_no_acknowledged_change() {
         !acknowledged.is_empty(),
         "the load got no answer before the kill"
     );
-    let on_b = Instance {
-        base: base_b,
-        client: reqwest::Client::new(),
-    };
+    let on_b = Instance(common::ApiClient::new(base_b));
     for key in &acknowledged {
         let (status, body) = on_b.get("/api/v1/auth/totp/", Some(key)).await;
         assert_eq!(status, 200, "an acknowledged key was lost: {body}");

@@ -28,8 +28,7 @@ mod common;
 use common::report;
 
 struct App {
-    base: String,
-    client: reqwest::Client,
+    api: common::ApiClient,
     clock: ManualClock,
     /// Every answer's status, to show that none was a 5xx.
     answers: AtomicUsize,
@@ -37,7 +36,7 @@ struct App {
     _dir: TempDir,
 }
 
-type Answer = (u16, Value);
+type Answer = common::ApiAnswer;
 
 async fn spawn_app() -> Arc<App> {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -56,8 +55,7 @@ async fn spawn_app() -> Arc<App> {
             .expect("user");
     }
     Arc::new(App {
-        base,
-        client: reqwest::Client::new(),
+        api: common::ApiClient::new(base),
         clock,
         answers: AtomicUsize::new(0),
         server_errors: std::sync::Mutex::new(Vec::new()),
@@ -66,48 +64,30 @@ async fn spawn_app() -> Arc<App> {
 }
 
 impl App {
-    async fn send(&self, request: reqwest::RequestBuilder, what: &str) -> Answer {
-        let response = request.send().await.expect("answered");
-        let status = response.status().as_u16();
-        let text = response.text().await.expect("body");
+    /// Counts an answer and keeps any 5xx; every answer must be JSON.
+    fn record(&self, answer: reqwest::Result<Answer>, what: &str) -> Answer {
+        let (status, body) = answer.unwrap_or_else(|e| panic!("{what}: not answered: {e}"));
         self.answers.fetch_add(1, Ordering::Relaxed);
         if status >= 500 {
             self.server_errors
                 .lock()
                 .expect("lock")
-                .push(format!("{what}: {status} {text}"));
+                .push(format!("{what}: {status} {body}"));
         }
-        let body =
-            serde_json::from_str(&text).unwrap_or_else(|_| panic!("{what}: not JSON: {text}"));
+        assert!(!body.is_null(), "{what}: not JSON ({status})");
         (status, body)
     }
 
     async fn post(&self, path: &str, key: Option<&str>, body: Value) -> Answer {
-        let mut request = self
-            .client
-            .post(format!("{}/api/v1/auth/{path}", self.base))
-            .json(&body);
-        if let Some(key) = key {
-            request = request.header("Authorization", format!("Token {key}"));
-        }
-        self.send(request, path).await
+        self.record(self.api.post(path, key, body).await, path)
     }
 
     async fn status(&self, key: &str) -> Answer {
-        let request = self
-            .client
-            .get(format!("{}/api/v1/auth/totp/", self.base))
-            .header("Authorization", format!("Token {key}"));
-        self.send(request, "status").await
+        self.record(self.api.status(key).await, "status")
     }
 
     async fn login(&self, name: &str) -> Answer {
-        self.post(
-            "login/",
-            None,
-            json!({"username": name, "password": PASSWORD}),
-        )
-        .await
+        self.record(self.api.login(name, PASSWORD).await, "login")
     }
 
     async fn key(&self, name: &str) -> String {
@@ -123,12 +103,7 @@ impl App {
     }
 
     async fn verify(&self, temp: &str, token: &str) -> Answer {
-        self.post(
-            "totp/verify/",
-            None,
-            json!({"temp_token": temp, "token": token}),
-        )
-        .await
+        self.record(self.api.verify(temp, token).await, "totp/verify/")
     }
 
     async fn setup(&self, key: &str) -> Answer {

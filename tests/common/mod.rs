@@ -235,3 +235,74 @@ impl Drop for TestSchema {
         .join();
     }
 }
+
+/// The answer to an API call: the status and the JSON body (`null` when it is not JSON).
+pub type ApiAnswer = (u16, serde_json::Value);
+
+/// The one HTTP client of the test targets that drive the API by hand (`tests/api/` wraps the
+/// same calls with its manual clock): the routes under `/api/v1/auth/` by name. A transport
+/// error is returned, not a panic, so that targets that kill servers can count it.
+#[derive(Clone)]
+pub struct ApiClient {
+    pub base: String,
+    pub client: reqwest::Client,
+}
+
+impl ApiClient {
+    pub fn new(base: impl Into<String>) -> Self {
+        Self {
+            base: base.into(),
+            client: reqwest::Client::new(),
+        }
+    }
+
+    pub async fn send(&self, request: reqwest::RequestBuilder) -> reqwest::Result<ApiAnswer> {
+        let response = request.send().await?;
+        let status = response.status().as_u16();
+        let text = response.text().await?;
+        Ok((
+            status,
+            serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
+        ))
+    }
+
+    fn with_key(request: reqwest::RequestBuilder, key: Option<&str>) -> reqwest::RequestBuilder {
+        match key {
+            Some(key) => request.header("Authorization", format!("Token {key}")),
+            None => request,
+        }
+    }
+
+    /// POST `/api/v1/auth/{path}` with a JSON body, and a login key when given.
+    pub async fn post(
+        &self,
+        path: &str,
+        key: Option<&str>,
+        body: serde_json::Value,
+    ) -> reqwest::Result<ApiAnswer> {
+        let url = format!("{}/api/v1/auth/{path}", self.base);
+        self.send(Self::with_key(self.client.post(url), key).json(&body))
+            .await
+    }
+
+    /// GET `path` (from the server's root, such as `/healthz`), with a login key when given.
+    pub async fn get(&self, path: &str, key: Option<&str>) -> reqwest::Result<ApiAnswer> {
+        let url = format!("{}{path}", self.base);
+        self.send(Self::with_key(self.client.get(url), key)).await
+    }
+
+    /// GET the TOTP status with `key`.
+    pub async fn status(&self, key: &str) -> reqwest::Result<ApiAnswer> {
+        self.get("/api/v1/auth/totp/", Some(key)).await
+    }
+
+    pub async fn login(&self, name: &str, password: &str) -> reqwest::Result<ApiAnswer> {
+        let body = serde_json::json!({"username": name, "password": password});
+        self.post("login/", None, body).await
+    }
+
+    pub async fn verify(&self, temp: &str, token: &str) -> reqwest::Result<ApiAnswer> {
+        let body = serde_json::json!({"temp_token": temp, "token": token});
+        self.post("totp/verify/", None, body).await
+    }
+}
