@@ -51,7 +51,7 @@ impl Service {
             return Err(username_taken());
         }
         let hash = self.hasher.hash(password).await?;
-        let created = event(ctx, EventKind::UserCreated, None, how);
+        let created = named_event(ctx, EventKind::UserCreated, None, Some(username), how);
         self.store
             .create_user(username, &hash, ctx.now, created)
             .await?
