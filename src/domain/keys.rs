@@ -33,6 +33,14 @@ pub enum KeyCheck {
     Dead,
 }
 
+/// Whether a key issued at `epoch` has not been revoked by a raise of the user's key epoch
+/// (the kept key of the last raise is valid at the epoch before). Checked again inside every
+/// change a session makes, so a request authenticated before a revocation changes nothing.
+pub fn not_revoked(user: &User, digest: &Digest, epoch: u64) -> bool {
+    epoch >= user.key_epoch
+        || (user.kept_key.as_ref() == Some(digest) && epoch + 1 == user.key_epoch)
+}
+
 /// Judges the key `digest` (record `key`) of `user` at `now`.
 pub fn check(
     user: &User,
@@ -41,9 +49,7 @@ pub fn check(
     lifetime: KeyLifetime,
     now: UnixTime,
 ) -> KeyCheck {
-    let not_revoked = key.epoch >= user.key_epoch
-        || (user.kept_key.as_ref() == Some(digest) && key.epoch + 1 == user.key_epoch);
-    if key.user_id == user.id && not_revoked && lifetime.alive(key, now) {
+    if key.user_id == user.id && not_revoked(user, digest, key.epoch) && lifetime.alive(key, now) {
         KeyCheck::Valid {
             touch: now >= key.last_used_at.saturating_add(TOUCH_INTERVAL),
         }
@@ -78,6 +84,19 @@ mod tests {
         absolute: 1_000,
         idle: 100,
     };
+
+    #[test]
+    fn a_session_from_before_a_revocation_is_revoked_even_if_it_was_kept_before() {
+        let mut u = User::new(1, "u".into(), String::new(), 0);
+        let mine = [1; 32];
+        assert!(not_revoked(&u, &mine, 0));
+        revoke_all(&mut u, Some(&mine)); // its own deactivation: kept
+        assert!(not_revoked(&u, &mine, 0));
+        revoke_all(&mut u, None); // then logout-all elsewhere
+        assert!(!not_revoked(&u, &mine, 0));
+        assert!(!not_revoked(&u, &mine, 1));
+        assert!(not_revoked(&u, &[2; 32], 2));
+    }
 
     #[test]
     fn a_key_dies_with_its_epoch_unless_kept_and_with_its_lifetimes() {

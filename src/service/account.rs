@@ -190,7 +190,11 @@ impl Service {
                 if touch {
                     self.store.touch_key(&key_digest, ctx.now).await?;
                 }
-                Ok(Session { user, key_digest })
+                Ok(Session {
+                    user,
+                    key_digest,
+                    key_epoch: record.epoch,
+                })
             }
             KeyCheck::Dead => {
                 self.store.revoke_key(&key_digest, Vec::new()).await?;
@@ -210,7 +214,7 @@ impl Service {
 
     /// Ends every session of the user, this one included.
     pub async fn log_out_everywhere(&self, session: &Session, ctx: &Ctx) -> Result<(), Error> {
-        self.change(session.user.id, |user| {
+        self.change_as(session, |user| {
             keys::revoke_all(user, None);
             let revoked = event(ctx, EventKind::KeyRevoked, Some(user), "logout_all");
             (
@@ -259,7 +263,7 @@ impl Service {
         let hash = self.hasher.hash(input.new_password).await?;
         let keep = session.key_digest;
         let changed = self
-            .change(user.id, |user| {
+            .change_as(session, |user| {
                 // Another change won the race: the password checked is no longer the user's.
                 if user.password_hash != checked {
                     return (false, Writes::default());

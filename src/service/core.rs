@@ -8,7 +8,7 @@ use super::password::{HashError, PasswordHasher};
 use super::sealing::{Keyring, SealError};
 use crate::clock::UnixTime;
 use crate::domain::audit::{AuditEvent, EventKind};
-use crate::domain::keys::KeyLifetime;
+use crate::domain::keys::{self, KeyLifetime};
 use crate::domain::lockout::{HARD_LOCK, LockPolicy};
 use crate::domain::second_factor::{Refusal, Rejection};
 use crate::domain::secrets::RngError;
@@ -44,6 +44,8 @@ pub struct Ctx {
 pub struct Session {
     pub user: User,
     pub key_digest: Digest,
+    /// The key epoch the key was issued at (or carried to).
+    pub key_epoch: u64,
 }
 
 impl From<StoreError> for Error {
@@ -125,6 +127,31 @@ impl Service {
             policy,
             login_failures,
             metrics,
+        }
+    }
+
+    /// Applies `change` on behalf of `session`: only if the session's key is still not revoked
+    /// in the record the change sees (a key revoked while its request was in flight — by a
+    /// logout everywhere, say — changes nothing: 403). Its result, or `None` without the user.
+    pub(super) async fn change_as<T: Send>(
+        &self,
+        session: &Session,
+        mut change: impl FnMut(&mut User) -> (T, Writes) + Send,
+    ) -> Result<Option<T>, Error> {
+        let (digest, epoch) = (session.key_digest, session.key_epoch);
+        let outcome = self
+            .change(session.user.id, |user| {
+                if !keys::not_revoked(user, &digest, epoch) {
+                    return (None, Writes::default());
+                }
+                let (value, writes) = change(user);
+                (Some(value), writes)
+            })
+            .await?;
+        match outcome {
+            Some(Some(value)) => Ok(Some(value)),
+            Some(None) => Err(Error::AuthenticationFailed("Invalid token.")),
+            None => Ok(None),
         }
     }
 

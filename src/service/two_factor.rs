@@ -12,7 +12,7 @@ use crate::domain::login::{self, CodeStepRefusal};
 use crate::domain::second_factor::{Proof, Refusal, Rejection};
 use crate::domain::secrets;
 use crate::domain::totp::{self, Code, Located, Secret};
-use crate::domain::user::{PendingTotp, StoredSecret, User, UserId};
+use crate::domain::user::{PendingTotp, StoredSecret, User};
 use crate::error::{Error, FieldError};
 use crate::metrics::VerifyOutcome;
 use crate::store::Writes;
@@ -59,7 +59,7 @@ impl Service {
             burned_steps: Vec::new(),
         };
         let outcome = self
-            .change(user.id, |user| {
+            .change_as(session, |user| {
                 let outcome = enrolment::begin_setup(user, pending.clone());
                 let events = match outcome {
                     Ok(()) => vec![event(ctx, EventKind::Setup, Some(user), "ok")],
@@ -147,7 +147,7 @@ impl Service {
         };
         let policy = &self.policy.lockout;
         self.guarded_change(
-            user.id,
+            session,
             EventKind::Activate,
             ctx,
             Error::TotpNotPending,
@@ -254,7 +254,7 @@ impl Service {
         let keep = session.key_digest;
         let policy = &self.policy.lockout;
         let kind = EventKind::Deactivate;
-        self.guarded_change(user.id, kind, ctx, Error::TotpNotActive, |user| {
+        self.guarded_change(session, kind, ctx, Error::TotpNotActive, |user| {
             let code = proof.as_ref().map(|p| (p, &active.secret));
             enrolment::deactivate(user, code, &keep, policy, ctx.now)
         })
@@ -282,7 +282,7 @@ impl Service {
         };
         let policy = &self.policy.lockout;
         let kind = EventKind::RecoveryCodesRegenerated;
-        self.guarded_change(user.id, kind, ctx, Error::TotpNotActive, |user| {
+        self.guarded_change(session, kind, ctx, Error::TotpNotActive, |user| {
             enrolment::regenerate_recovery_codes(
                 user,
                 &proof,
@@ -300,14 +300,14 @@ impl Service {
     /// with its audit events; a refusal becomes its answer, a vanished user `missing`.
     async fn guarded_change<T: Send>(
         &self,
-        id: UserId,
+        session: &Session,
         kind: EventKind,
         ctx: &Ctx,
         missing: Error,
         mut change: impl FnMut(&mut User) -> Result<T, EnrolmentRefusal> + Send,
     ) -> Result<T, Error> {
         let outcome = self
-            .change(id, |user| {
+            .change_as(session, |user| {
                 let outcome = change(user);
                 let events = match &outcome {
                     Ok(_) => vec![event(ctx, kind, Some(user), "ok")],

@@ -706,7 +706,8 @@ async fn carry_key_over(
         return Ok(());
     };
     let mut key: LoginKey = decode(row.get::<_, &[u8]>(0))?;
-    if key.user_id != user_id || key.epoch >= epoch {
+    // Only the key valid at the epoch just left moves: never one revoked before it.
+    if key.user_id != user_id || key.epoch + 1 != epoch {
         return Ok(());
     }
     key.epoch = epoch;

@@ -208,7 +208,8 @@ impl SledStore {
                 return Ok(());
             };
             let mut key: LoginKey = decode(&bytes)?;
-            if key.user_id != user_id || key.epoch >= epoch {
+            // Only the key valid at the epoch just left moves: never one revoked before it.
+            if key.user_id != user_id || key.epoch + 1 != epoch {
                 return Ok(());
             }
             key.epoch = epoch;

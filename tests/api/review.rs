@@ -253,3 +253,52 @@ async fn parallel_logins_during_a_rehash_all_succeed() {
         assert_eq!(answer.status, StatusCode::OK, "{}", answer.body);
     }
 }
+
+/// A stolen key whose request is in flight when the victim logs out everywhere must not act,
+/// nor come back to life: the request was authenticated, then its body trickled in after the
+/// logout-all (deactivate used to succeed, and to carry the revoked key to the new epoch).
+#[tokio::test]
+async fn a_request_authenticated_before_a_logout_everywhere_changes_nothing() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = spawn_app().await;
+    let user = app.enrolled_user("alice").await;
+    let stolen = user.key.clone();
+    let temp = app.temp_token("alice").await;
+    let answer = app.verify(&temp, &app.code(&user.totp, 0)).await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.body);
+    let victim = answer.body["key"].as_str().expect("key").to_owned();
+
+    let mut socket = tokio::net::TcpStream::connect(app.addr)
+        .await
+        .expect("connect");
+    let head = format!(
+        "POST /api/v1/auth/totp/deactivate/ HTTP/1.1\r\nHost: t\r\nAuthorization: Token {stolen}\r\n\
+         Content-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n"
+    );
+    socket.write_all(head.as_bytes()).await.expect("head");
+    // The head is read and the key accepted; the body has not come yet.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let out = app
+        .post_auth("/api/v1/auth/logout-all/", &victim, None)
+        .await;
+    assert_eq!(out.status, StatusCode::OK, "{}", out.body);
+    socket.write_all(b"{}").await.expect("body");
+    let mut answer = String::new();
+    socket.read_to_string(&mut answer).await.expect("answer");
+    assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
+    // The stolen key stays dead, and two-factor authentication stays on.
+    let status = app.get_auth("/api/v1/auth/totp/", &stolen).await;
+    assert_eq!(status.status, StatusCode::FORBIDDEN, "{}", status.body);
+    app.clock.advance(30);
+    let temp = app.temp_token("alice").await;
+    let fresh = app.verify(&temp, &app.code(&user.totp, 0)).await;
+    assert_eq!(
+        fresh.status,
+        StatusCode::OK,
+        "TOTP is still on: {}",
+        fresh.body
+    );
+    let fresh = fresh.body["key"].as_str().expect("key").to_owned();
+    let status = app.get_auth("/api/v1/auth/totp/", &fresh).await;
+    assert_eq!(status.body["active"], json!(true));
+}
