@@ -20,3 +20,33 @@ async fn sled_store() -> TestStore {
 }
 
 totpd::store_conformance_suite!(sled_store);
+
+/// A restore takes effect only when its source confirms, after the last record, that all of
+/// them were good (a backup file's checksum is at its end): without it, nothing is installed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_without_its_sources_confirmation_installs_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = StoreConfig::Sled {
+        data_dir: dir.path().join("data"),
+        cache_capacity: 4 * 1024 * 1024,
+    };
+    let record = totpd::store::BackupRecord {
+        kind: "meta".into(),
+        key: b"next_user_id".to_vec(),
+        value: 7u64.to_be_bytes().to_vec(),
+    };
+    for confirm in [false, true] {
+        let (sink, records) = tokio::sync::mpsc::channel(4);
+        let (verified, confirmation) = tokio::sync::oneshot::channel();
+        sink.send(record.clone()).await.expect("send");
+        drop(sink);
+        if confirm {
+            verified.send(()).expect("confirm");
+        } else {
+            drop(verified);
+        }
+        let restored = totpd::store::restore(&config, records, 1, confirmation).await;
+        assert_eq!(restored.is_ok(), confirm, "{restored:?}");
+        assert_eq!(totpd::store::exists(&dir.path().join("data")), confirm);
+    }
+}

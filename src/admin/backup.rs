@@ -232,18 +232,22 @@ pub async fn restore(path: &Path, config: &StoreConfig) -> Result<u64, String> {
         ));
     }
     let (sink, records) = mpsc::channel::<BackupRecord>(1024);
+    let (verified, confirmation) = tokio::sync::oneshot::channel();
     let file = path.to_path_buf();
     let reader = tokio::task::spawn_blocking(move || {
-        read(&file, |record| {
+        let read = read(&file, |record| {
             sink.blocking_send(BackupRecord {
                 kind: record.tree,
                 key: record.key,
                 value: record.value,
             })
             .map_err(|_| "the restore stopped".to_owned())
-        })
+        })?;
+        // Only a file whose trailer checked out again lets the restore take effect.
+        let _ = verified.send(());
+        Ok::<_, String>(read)
     });
-    let restored = store::restore(config, records, expected).await;
+    let restored = store::restore(config, records, expected, confirmation).await;
     let read = reader.await.map_err(|e| e.to_string())??;
     let restored = restored?;
     if read != restored {

@@ -76,11 +76,18 @@ pub async fn copy(from: &StoreConfig, to: &StoreConfig) -> Result<String, String
     let before = census(&source).await?;
     let expected = before.values().sum();
     let (sink, records) = mpsc::channel::<BackupRecord>(1024);
+    let (verified, confirmation) = tokio::sync::oneshot::channel();
     let exporting = {
         let source = Arc::clone(&source);
-        tokio::spawn(async move { source.export(sink).await })
+        tokio::spawn(async move {
+            let exported = source.export(sink).await;
+            if exported.is_ok() {
+                let _ = verified.send(());
+            }
+            exported
+        })
     };
-    let restored = store::restore(to, records, expected).await;
+    let restored = store::restore(to, records, expected, confirmation).await;
     exporting
         .await
         .map_err(|e| e.to_string())?

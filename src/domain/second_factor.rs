@@ -112,7 +112,11 @@ pub fn judge(
             let why = Rejection::ClockSkew { step: *step };
             return Err(fail(user, policy, now, why));
         }
-        Proof::Wrong | Proof::Unchecked => None,
+        // Not checked because the user was locked when it arrived, and the lock has ended since
+        // (an administrator, a recovery code): refused as locked a moment ago, never counted as
+        // a wrong code — it may have been right.
+        Proof::Unchecked => return Err(Refusal::Locked { until: now }),
+        Proof::Wrong => None,
     };
     match (accepted, locked) {
         (Some(recovery_code_used), _) => {
@@ -277,6 +281,16 @@ pub(crate) mod tests {
             })
         );
         assert_eq!(u.failures, FailureState::default());
+    }
+
+    #[test]
+    fn a_code_unchecked_under_a_lock_that_ended_meanwhile_is_not_counted() {
+        let mut u = active_user(&[]);
+        assert_eq!(
+            judge(&mut u, &Proof::Unchecked, &P, 50),
+            Err(Refusal::Locked { until: 50 })
+        );
+        assert_eq!(u.failures.consecutive, 0);
     }
 
     #[test]

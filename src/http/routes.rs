@@ -209,7 +209,7 @@ pub fn deactivate(s: &SharedState) -> Route_ {
     warp::path!("api" / "v1" / "auth" / "totp" / "deactivate")
         .and(warp::post())
         .and(with_state(s))
-        .and(request_context(s))
+        .and(throttled(s, Route::Activate))
         .and(authenticated(s))
         .and(json::<TotpDeactivate>(s))
         .then(handlers::deactivate)

@@ -57,22 +57,24 @@ pub async fn open(config: &StoreConfig) -> Result<Arc<dyn Store>, OpenError> {
 
 /// Restores `records` into a new store at `config`, all or nothing: sled builds the store
 /// beside the data dir's database and moves it into place only when all `expected` records
-/// arrived; PostgreSQL imports them in one transaction into an empty database.
+/// arrived and the source confirmed them on `verified` (its checksum held to the end);
+/// PostgreSQL imports them in one transaction into an empty database, committed likewise.
 pub async fn restore(
     config: &StoreConfig,
     records: tokio::sync::mpsc::Receiver<BackupRecord>,
     expected: u64,
+    verified: tokio::sync::oneshot::Receiver<()>,
 ) -> Result<u64, String> {
     match config {
         StoreConfig::Sled {
             data_dir,
             cache_capacity,
-        } => sled::restore(data_dir, *cache_capacity, records, expected).await,
+        } => sled::restore(data_dir, *cache_capacity, records, expected, verified).await,
         StoreConfig::Postgres(pg) => {
             let store = postgres::PostgresStore::open(pg)
                 .await
                 .map_err(|e| e.to_string())?;
-            let restored = store.restore(records, expected).await;
+            let restored = store.restore(records, expected, verified).await;
             let _ = store.close().await;
             restored
         }

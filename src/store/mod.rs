@@ -22,7 +22,7 @@ mod sled;
 
 pub use backends::{StoreConfig, exists, holds_data, open, restore};
 pub use port::{
-    BackupRecord, Created, OpenError, PoolStats, SCHEMA_VERSION, Store, StoreError, StoreStats,
-    UserChange, Writes,
+    BackupRecord, Created, NOT_VERIFIED, OpenError, PoolStats, SCHEMA_VERSION, Store, StoreError,
+    StoreStats, UserChange, Writes,
 };
 pub use postgres::{DatabaseUrl, PostgresConfig};

@@ -112,6 +112,11 @@ impl Created {
     }
 }
 
+/// The refusal of a restore whose source did not confirm every record it sent (a checksum
+/// that failed after the records, a copy whose source failed): nothing is restored.
+pub const NOT_VERIFIED: &str =
+    "the source was not verified to the end (checksum or read failed): nothing was restored";
+
 /// What a change of a user writes besides the user, in the same durable step.
 #[derive(Debug, Default)]
 pub struct Writes {

@@ -37,7 +37,8 @@ use tokio_postgres::{IsolationLevel, NoTls};
 use super::codec::{decode, encode};
 use super::counts::UserCounts;
 use super::port::{
-    BackupRecord, Created, OpenError, PoolStats, Store, StoreError, StoreStats, UserChange, Writes,
+    BackupRecord, Created, NOT_VERIFIED, OpenError, PoolStats, Store, StoreError, StoreStats,
+    UserChange, Writes,
 };
 use crate::clock::UnixTime;
 use crate::domain::audit::AuditEvent;
@@ -663,6 +664,7 @@ impl PostgresStore {
         &self,
         mut records: tokio::sync::mpsc::Receiver<BackupRecord>,
         expected: u64,
+        verified: tokio::sync::oneshot::Receiver<()>,
     ) -> Result<u64, String> {
         if !self.is_empty().await.map_err(|e| e.to_string())? {
             return Err("the database already holds totpd data: restore needs an empty one".into());
@@ -679,6 +681,7 @@ impl PostgresStore {
                 "restore incomplete: {count} of {expected} records arrived; nothing was restored"
             ));
         }
+        verified.await.map_err(|_| NOT_VERIFIED.to_owned())?;
         tx.commit().await.map_err(|e| e.to_string())?;
         Ok(count)
     }

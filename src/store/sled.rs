@@ -16,7 +16,7 @@
 //! which reaches neither the file's metadata nor the disk's cache.
 
 use std::path::Path;
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use async_trait::async_trait;
 use sled::Transactional;
@@ -59,7 +59,9 @@ struct Inner {
     counts: UserCounts,
     /// Writers hold it shared while they write; an export holds it alone, so a backup is one
     /// consistent snapshot (sled has no snapshots of its own).
-    gate: RwLock<()>,
+    /// An async lock: a writer waiting behind an export yields its worker thread instead of
+    /// blocking it, so reads (status, health) go on being served meanwhile.
+    gate: tokio::sync::RwLock<()>,
     /// sled's log file, for the `fdatasync` that ends every flush.
     log: Arc<std::fs::File>,
     commit: GroupCommit,
@@ -124,7 +126,7 @@ impl SledStore {
             audit,
             audit_queue,
             counts: UserCounts::default(),
-            gate: RwLock::new(()),
+            gate: tokio::sync::RwLock::new(()),
             log,
             commit,
         })))
@@ -138,8 +140,8 @@ impl SledStore {
             .map_err(|e| StoreError::Flush(e.0))
     }
 
-    fn write_gate(&self) -> std::sync::RwLockReadGuard<'_, ()> {
-        self.0.gate.read().unwrap_or_else(PoisonError::into_inner)
+    async fn write_gate(&self) -> tokio::sync::RwLockReadGuard<'_, ()> {
+        self.0.gate.read().await
     }
 
     fn queue_events(&self, events: &[AuditEvent]) -> Result<(), StoreError> {
@@ -357,7 +359,7 @@ impl SledStore {
     ) -> Result<u64, StoreError> {
         let inner = &self.0;
         // No writer may change anything while the snapshot is read.
-        let _alone = inner.gate.write().unwrap_or_else(PoisonError::into_inner);
+        let _alone = inner.gate.blocking_write();
         write_queued_events(&inner.audit_queue, &inner.audit)?;
         let meta = [KEY_CHECK_KEY, NEXT_ID_KEY].into_iter().filter_map(|k| {
             inner
@@ -529,7 +531,7 @@ impl Store for SledStore {
         mut event: AuditEvent,
     ) -> Result<Created, StoreError> {
         let created = {
-            let _writing = self.write_gate();
+            let _writing = self.write_gate().await;
             let created = self.create_user_now(username, password_hash, now)?;
             if let Created::User(user) = &created {
                 event.user_id = Some(user.id);
@@ -549,19 +551,18 @@ impl Store for SledStore {
         id: UserId,
         change: &mut UserChange<'_>,
     ) -> Result<Option<User>, StoreError> {
-        let (user, wrote) = {
-            let _writing = self.write_gate();
-            let before = self.0.users.get(id.to_be_bytes())?;
+        let user = {
+            let _writing = self.write_gate().await;
             let Some((user, writes)) = self.apply_change(id, change)? else {
                 return Ok(None);
             };
-            let extra = self.apply_writes(id, &writes)?;
-            let changed = self.0.users.get(id.to_be_bytes())? != before;
-            (user, extra || changed)
+            self.apply_writes(id, &writes)?;
+            user
         };
-        if wrote {
-            self.persist().await?;
-        }
+        // Even when this change wrote nothing, its answer was decided on a record that another
+        // request may have written and not yet made durable: wait for that flush too (shared
+        // by group commit), so no answer rests on a write a crash could still undo.
+        self.persist().await?;
         Ok(Some(user))
     }
 
@@ -571,7 +572,7 @@ impl Store for SledStore {
         events: Vec<AuditEvent>,
     ) -> Result<Option<User>, StoreError> {
         let removed = {
-            let _writing = self.write_gate();
+            let _writing = self.write_gate().await;
             let removed = self.remove_user_now(id)?;
             self.queue_events(&events)?;
             removed
@@ -586,7 +587,7 @@ impl Store for SledStore {
         events: Vec<AuditEvent>,
     ) -> Result<bool, StoreError> {
         let existed = {
-            let _writing = self.write_gate();
+            let _writing = self.write_gate().await;
             let existed = self.0.keys.remove(digest)?.is_some();
             self.queue_events(&events)?;
             existed
@@ -596,7 +597,7 @@ impl Store for SledStore {
     }
 
     async fn touch_key(&self, digest: &Digest, now: UnixTime) -> Result<(), StoreError> {
-        let _writing = self.write_gate();
+        let _writing = self.write_gate().await;
         let Some(bytes) = self.0.keys.get(digest)? else {
             return Ok(());
         };
@@ -615,7 +616,7 @@ impl Store for SledStore {
             return Ok(());
         }
         {
-            let _writing = self.write_gate();
+            let _writing = self.write_gate().await;
             self.queue_events(&events)?;
         }
         self.persist().await
@@ -629,7 +630,7 @@ impl Store for SledStore {
     ) -> Result<usize, StoreError> {
         let store = self.clone();
         let removed = tokio::task::spawn_blocking(move || {
-            let _writing = store.write_gate();
+            let _writing = store.0.gate.blocking_read();
             store.sweep_now(now, lifetime, audit_cutoff)
         })
         .await
@@ -649,7 +650,7 @@ impl Store for SledStore {
 
     async fn set_master_key_check(&self, check: &StoredSecret) -> Result<(), StoreError> {
         {
-            let _writing = self.write_gate();
+            let _writing = self.write_gate().await;
             self.0.db.insert(KEY_CHECK_KEY, encode(check))?;
         }
         self.persist().await
@@ -816,6 +817,7 @@ pub async fn restore(
     cache_capacity: u64,
     mut records: tokio::sync::mpsc::Receiver<BackupRecord>,
     expected: u64,
+    verified: tokio::sync::oneshot::Receiver<()>,
 ) -> Result<u64, String> {
     if exists(data_dir) {
         return Err(format!(
@@ -842,6 +844,9 @@ pub async fn restore(
                 "restore incomplete: {count} of {expected} records arrived; nothing was restored"
             ));
         }
+        verified
+            .await
+            .map_err(|_| super::port::NOT_VERIFIED.to_owned())?;
         store.flush_now().map_err(|e| e.to_string())?;
         count
     };

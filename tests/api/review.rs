@@ -302,3 +302,30 @@ async fn a_request_authenticated_before_a_logout_everywhere_changes_nothing() {
     let status = app.get_auth("/api/v1/auth/totp/", &fresh).await;
     assert_eq!(status.body["active"], json!(true));
 }
+
+/// Deactivate takes a code, so it shares the per-IP budget of the other code-taking routes
+/// (it had none: wrong recovery codes could be sent to it without limit while locked).
+#[tokio::test]
+async fn deactivate_is_throttled_per_address() {
+    let app = spawn_app_with(|c| {
+        c.ip_rate = totpd::limits::Rate {
+            per_minute: 1,
+            burst: 3,
+        }
+    })
+    .await;
+    let user = app.enrolled_user("alice").await;
+    let mut statuses = Vec::new();
+    for i in 0..4 {
+        let body = json!({"token": format!("zzzz-zzzz-zzzz-{i:04}")});
+        let answer = app
+            .post_auth("/api/v1/auth/totp/deactivate/", &user.key, Some(&body))
+            .await;
+        statuses.push(answer.status);
+    }
+    assert_eq!(
+        statuses.last(),
+        Some(&StatusCode::TOO_MANY_REQUESTS),
+        "{statuses:?}"
+    );
+}
