@@ -34,7 +34,7 @@ if ! "$venv/bin/python" -c 'import pyotp' >/dev/null 2>&1; then
     "$venv/bin/pip" install -q --disable-pip-version-check 'pyotp==2.12.1'
 fi
 
-bin=${REAL_CLIENTS_BIN:-target/debug/totpd}
+bin=${REAL_CLIENTS_BIN:-${CARGO_TARGET_DIR:-target}/debug/totpd}
 if [ -z "${REAL_CLIENTS_BIN:-}" ] && [ ! -x "$bin" ]; then
     cargo build --quiet --bin totpd
 fi

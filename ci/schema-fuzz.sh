@@ -14,7 +14,7 @@ if [ ! -x "$VENV/bin/st" ]; then
     "$VENV/bin/pip" install --quiet --disable-pip-version-check 'schemathesis>=4,<5'
 fi
 cargo build --quiet --bin totpd
-BIN=target/debug/totpd
+BIN=${CARGO_TARGET_DIR:-target}/debug/totpd
 
 WORK=$(mktemp -d)
 SERVER_PID=
