@@ -277,14 +277,46 @@ pub async fn run(
     timing: Timing,
     server: Option<u32>,
 ) -> Outcome {
-    let cpu_before = server.and_then(cpu_seconds);
-    let written_before = server.and_then(write_bytes);
+    let pids: Vec<u32> = server.into_iter().collect();
+    run_on(&[addr], sources, timing, &pids).await
+}
+
+/// CPU seconds of all of `pids`, or `None` when any is gone (or there are none).
+fn total_cpu(pids: &[u32]) -> Option<f64> {
+    if pids.is_empty() {
+        return None;
+    }
+    pids.iter().map(|&p| cpu_seconds(p)).sum()
+}
+
+fn total_written(pids: &[u32]) -> Option<u64> {
+    if pids.is_empty() {
+        return None;
+    }
+    pids.iter().map(|&p| write_bytes(p)).sum()
+}
+
+/// [`run`] with the load split between several servers: worker `i` talks to
+/// `addrs[i % addrs.len()]`, and the server columns add up the CPU time and writes of all of
+/// `servers` (their pids).
+pub async fn run_on(
+    addrs: &[SocketAddr],
+    sources: Vec<Source>,
+    timing: Timing,
+    servers: &[u32],
+) -> Outcome {
+    let cpu_before = total_cpu(servers);
+    let written_before = total_written(servers);
     let start = Instant::now();
     let window_start = start + timing.warmup;
     let deadline = window_start + timing.measure;
     let handles: Vec<_> = sources
         .into_iter()
-        .map(|source| tokio::spawn(worker(addr, source, window_start, deadline)))
+        .enumerate()
+        .map(|(i, source)| {
+            let addr = addrs[i % addrs.len()];
+            tokio::spawn(worker(addr, source, window_start, deadline))
+        })
         .collect();
     let mut outcome = Outcome {
         requests: 0,
@@ -318,12 +350,12 @@ pub async fn run(
     outcome.seconds = last_end
         .saturating_duration_since(window_start)
         .as_secs_f64();
-    if let (Some(before), Some(after)) = (cpu_before, server.and_then(cpu_seconds)) {
+    if let (Some(before), Some(after)) = (cpu_before, total_cpu(servers)) {
         if outcome.answered > 0 {
             outcome.server_cpu_us = Some((after - before) * 1e6 / outcome.answered as f64);
         }
     }
-    if let (Some(before), Some(after)) = (written_before, server.and_then(write_bytes)) {
+    if let (Some(before), Some(after)) = (written_before, total_written(servers)) {
         if outcome.answered > 0 {
             outcome.server_write_bytes =
                 Some(after.saturating_sub(before) as f64 / outcome.answered as f64);

@@ -8,6 +8,7 @@
 
 mod core;
 mod load;
+mod pg;
 mod report;
 mod scenarios;
 mod seed;
@@ -23,7 +24,7 @@ use totpd::service::password::Argon2Settings;
 use crate::load::Timing;
 use crate::report::{CONCURRENCY, Memory, Results, Row, ScalePoint};
 use crate::scenarios::Endpoint;
-use crate::seed::{MainPlan, Seeder};
+use crate::seed::{MainPlan, SeedTarget, Seeder};
 use crate::server::Server;
 
 #[derive(Debug, Parser)]
@@ -64,6 +65,47 @@ struct Args {
     /// runs)
     #[arg(long, value_name = "NAMES", value_delimiter = ',')]
     only: Vec<String>,
+    /// `postgres`: also run status, activate and verify (valid code) at c=16 and 64 on the
+    /// PostgreSQL store, with one server and with two on the same database, beside the sled
+    /// rows and against `pgbench` running a one-row UPDATE on that database
+    #[arg(long, value_enum, default_value_t = StoreArg::Sled)]
+    store: StoreArg,
+    /// The PostgreSQL database for `--store postgres` (a schema of its own is created in it for
+    /// the run and dropped at the end); its role needs CREATE on the database
+    #[arg(long, value_name = "URL", required_if_eq("store", "postgres"))]
+    database_url: Option<String>,
+    /// `database_pool_size` of the PostgreSQL servers [default: the server's default]
+    #[arg(long, value_name = "N")]
+    database_pool_size: Option<usize>,
+    /// The pgbench binary [default: pgbench on PATH, else the newest under
+    /// /usr/lib/postgresql/*/bin]
+    #[arg(long, value_name = "PATH")]
+    pgbench: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum StoreArg {
+    Sled,
+    Postgres,
+}
+
+/// The command line of this run, for the report, with any database password hidden.
+fn command_line() -> String {
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .map(|a| {
+            if a.contains("://") || a.contains("password=") {
+                totpd::store::postgres::redact_url(&a)
+            } else {
+                a
+            }
+        })
+        .collect();
+    if args.is_empty() {
+        "cargo run --release -p totpd-bench".into()
+    } else {
+        format!("cargo run --release -p totpd-bench -- {}", args.join(" "))
+    }
 }
 
 /// How long and how big: `--quick` or the full run.
@@ -73,6 +115,10 @@ struct Plan {
     /// Durable writes before the endpoint scenarios, not recorded.
     settle: Timing,
     main: MainPlan,
+    /// What the PostgreSQL store gets: status keys, activations and verifies only.
+    postgres: MainPlan,
+    /// Seconds of each pgbench run.
+    pgbench_seconds: u64,
     scale: Vec<u64>,
     /// Verifies per scale point, at `scale_concurrency`.
     scale_requests: usize,
@@ -104,6 +150,16 @@ impl Plan {
                 recovery_users: 6_000 * f,
                 wrong_tokens: 15_000 * f,
             },
+            postgres: MainPlan {
+                per_worker: 64,
+                setup: 0,
+                activate: 12_000 * f,
+                valid_users: 6_000 * f,
+                valid_per_user: 3,
+                recovery_users: 0,
+                wrong_tokens: 0,
+            },
+            pgbench_seconds: if quick { 3 } else { 5 },
             scale: if quick {
                 vec![1_000, 100_000]
             } else {
@@ -285,10 +341,7 @@ fn run(args: &Args) -> Result<(), String> {
     let argon2_seconds = argon2_seconds(argon2)?;
     let mut results = Results {
         machine: machine(),
-        command: format!(
-            "cargo run --release -p totpd-bench{}",
-            if args.quick { " -- --quick" } else { "" }
-        ),
+        command: command_line(),
         argon2: format!(
             "m={} KiB, t={}, p={} (the defaults), {hash_threads} hashes at once",
             argon2.memory_kib, argon2.iterations, argon2.parallelism
@@ -312,6 +365,7 @@ fn run(args: &Args) -> Result<(), String> {
         binary_note,
         skipped: Vec::new(),
         elapsed: Duration::ZERO,
+        postgres: None,
     };
     eprintln!("machine: {}", results.machine);
     eprintln!("server: {}", bin.display());
@@ -353,6 +407,9 @@ fn run(args: &Args) -> Result<(), String> {
     } else {
         bench.endpoints(&mut results)?;
     }
+    if args.store == StoreArg::Postgres {
+        bench.postgres(&mut results)?;
+    }
     if args.skip_scale {
         results
             .skipped
@@ -365,6 +422,9 @@ fn run(args: &Args) -> Result<(), String> {
     results.elapsed = started.elapsed();
     results.load.1 = load_average();
     println!("\n{}", report::endpoint_table(&results));
+    if results.postgres.is_some() {
+        println!("{}", report::postgres_table(&results));
+    }
     println!("{}", report::other_tables(&results));
     println!("{}", report::targets_table(&results));
     let write = |name: &str, text: String| {
@@ -401,7 +461,7 @@ impl Bench<'_> {
         eprintln!("\n== endpoints");
         let dir = self.work.join("main");
         let prep = Instant::now();
-        let seeder = Seeder::open(&dir, &self.hash)?;
+        let seeder = Seeder::open(&SeedTarget::Sled(&dir), &self.hash)?;
         let data = seeder.main_data(&self.plan.main)?;
         seeder.finish()?;
         let m = &self.plan.main;
@@ -477,6 +537,179 @@ impl Bench<'_> {
         server.stop()
     }
 
+    /// The PostgreSQL store: pgbench's one-row UPDATE at c=16 and 64 (before and after), then
+    /// status, activate and verify with one server and with two on the same database.
+    fn postgres(&self, results: &mut Results) -> Result<(), String> {
+        eprintln!("\n== PostgreSQL");
+        let url = self
+            .args
+            .database_url
+            .as_deref()
+            .ok_or("--store postgres needs --database-url")?;
+        let pgbench = pg::find_pgbench(self.args.pgbench.as_deref())?;
+        let db = self.runtime.block_on(pg::Database::create(url))?;
+        let measured = self.postgres_on(&db, &pgbench, results);
+        if self.args.keep {
+            eprintln!("  schema {} kept", db.schema);
+        } else if let Err(e) = self.runtime.block_on(db.drop_schema()) {
+            eprintln!("  could not drop schema {}: {e}", db.schema);
+        }
+        measured
+    }
+
+    fn pgbench_runs(
+        &self,
+        db: &pg::Database,
+        bin: &Path,
+        postmaster: Option<u32>,
+    ) -> Result<Vec<pg::PgbenchRun>, String> {
+        let mut runs = Vec::new();
+        for c in report::PG_CONCURRENCY {
+            let meter = self.runtime.block_on(pg::Meter::start(db, postmaster));
+            let dir = self.work.join("pgbench");
+            let seconds = self.plan.pgbench_seconds;
+            let (tps, transactions, failed, latency) = pg::pgbench(bin, &db.url, &dir, c, seconds)?;
+            let usage = self
+                .runtime
+                .block_on(meter.stop(db, postmaster, transactions));
+            let run = pg::PgbenchRun {
+                concurrency: c,
+                tps,
+                transactions,
+                failed,
+                latency,
+                usage,
+            };
+            eprintln!(
+                "  pgbench c={c:<3} {tps:>8.0} tps  p50 {:>7.2} ms  p99 {:>7.2} ms  failed {failed}  \
+                 PostgreSQL CPU {:>5.0} µs/xact  xids {:.2}/xact  machine busy {:.0} %",
+                run.ms(0.5),
+                run.ms(0.99),
+                usage.db_cpu_us.unwrap_or(f64::NAN),
+                usage.xacts.unwrap_or(f64::NAN),
+                usage.busy.unwrap_or(f64::NAN) * 100.0,
+            );
+            runs.push(run);
+        }
+        Ok(runs)
+    }
+
+    fn postgres_on(
+        &self,
+        db: &pg::Database,
+        pgbench: &Path,
+        results: &mut Results,
+    ) -> Result<(), String> {
+        let rt = &self.runtime;
+        let version = rt.block_on(db.version())?;
+        let postmaster = rt.block_on(db.postmaster());
+        eprintln!(
+            "  PostgreSQL {version}, schema {}, {}; {}",
+            db.schema,
+            match postmaster {
+                Some(pid) => format!("postmaster pid {pid} (its CPU time is measured)"),
+                None => "not on this machine (its CPU time is not measured)".into(),
+            },
+            pgbench.display()
+        );
+        rt.block_on(db.create_pgbench_table())?;
+        let mut pgbench_runs = self.pgbench_runs(db, pgbench, postmaster)?;
+
+        let shared = self.work.join("pg-shared");
+        std::fs::create_dir_all(&shared).map_err(|e| format!("{}: {e}", shared.display()))?;
+        let master_key = shared.join("master.key");
+        let prep = Instant::now();
+        let target = SeedTarget::Postgres {
+            url: &db.url,
+            master_key: &master_key,
+        };
+        let seeder = Seeder::open(&target, &self.hash)?;
+        let m = &self.plan.postgres;
+        let data = seeder.main_data(m)?;
+        seeder.finish()?;
+        let prepared = format!(
+            "PostgreSQL: prepared in {:.1} s through the store's `import` (one transaction per \
+             record, 16 at once): {} login keys for status; {} users with a pending setup and a \
+             key (activate, once each); {} enrolled users with {} temp tokens each (verify, valid \
+             code)",
+            prep.elapsed().as_secs_f64(),
+            m.per_worker,
+            m.activate,
+            m.valid_users,
+            m.valid_per_user
+        );
+        eprintln!("  {prepared}");
+
+        let mut env = self.env.clone();
+        env.push(("TOTPD_STORE".into(), "postgres".into()));
+        env.push(("TOTPD_DATABASE_URL".into(), db.url.clone()));
+        env.push((
+            "TOTPD_MASTER_KEY_FILE".into(),
+            master_key.display().to_string(),
+        ));
+        if let Some(n) = self.args.database_pool_size {
+            env.push(("TOTPD_DATABASE_POOL_SIZE".into(), n.to_string()));
+        }
+        let pool_size = self
+            .args
+            .database_pool_size
+            .unwrap_or(totpd::config::Config::default().database_pool_size);
+        let mut rows = Vec::new();
+        for instances in [1, 2] {
+            let mut servers = Vec::new();
+            for i in 1..=instances {
+                // A data dir of its own per server (its admin socket); the master key is shared.
+                let dir = self.work.join(format!("pg-{instances}-{i}"));
+                std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+                servers.push(Server::start(&self.bin, &dir, &env)?);
+            }
+            let addrs: Vec<_> = servers.iter().map(|s| s.addr).collect();
+            let pids: Vec<_> = servers.iter().map(Server::pid).collect();
+            for endpoint in report::PG_ENDPOINTS.into_iter().filter(|e| self.wanted(*e)) {
+                for c in report::PG_CONCURRENCY {
+                    let sources = scenarios::sources(endpoint, &data, c);
+                    let meter = rt.block_on(pg::Meter::start(db, postmaster));
+                    let outcome =
+                        rt.block_on(load::run_on(&addrs, sources, self.plan.timing, &pids));
+                    let usage = rt.block_on(meter.stop(db, postmaster, outcome.answered));
+                    progress(
+                        &format!("pg×{instances} {} c={c}", endpoint.name()),
+                        &outcome,
+                    );
+                    eprintln!(
+                        "    PostgreSQL CPU {:>5.0} µs/req  xids {:.2}/req  WAL {:.0} B/req  machine busy {:.0} %",
+                        usage.db_cpu_us.unwrap_or(f64::NAN),
+                        usage.xacts.unwrap_or(f64::NAN),
+                        usage.wal_bytes.unwrap_or(f64::NAN),
+                        usage.busy.unwrap_or(f64::NAN) * 100.0,
+                    );
+                    rows.push(report::PgRow {
+                        instances,
+                        endpoint,
+                        concurrency: c,
+                        outcome,
+                        usage,
+                    });
+                }
+            }
+            for server in servers {
+                server.stop()?;
+            }
+        }
+        eprintln!("  pgbench again");
+        pgbench_runs.extend(self.pgbench_runs(db, pgbench, postmaster)?);
+        results.preparation.push(prepared);
+        results.postgres = Some(report::PgResults {
+            version,
+            pool_size,
+            pgbench_seconds: self.plan.pgbench_seconds,
+            db_cpu_measured: postmaster.is_some(),
+            rows,
+            pgbench: pgbench_runs,
+        });
+        Ok(())
+    }
+
     /// Memory and start-up of a server on an empty data dir.
     fn idle(&self, results: &mut Results) -> Result<(), String> {
         eprintln!("\n== idle server");
@@ -514,7 +747,7 @@ impl Bench<'_> {
         let mut seeded = 0;
         for &users in &plan.scale {
             let prep = Instant::now();
-            let seeder = Seeder::open(&dir, &self.hash)?;
+            let seeder = Seeder::open(&SeedTarget::Sled(&dir), &self.hash)?;
             seeder.scale_users(seeded, users, 2)?;
             seeded = users;
             let sample = plan.scale_requests.min(users as usize);

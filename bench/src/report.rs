@@ -8,9 +8,59 @@ use plotters::prelude::*;
 
 use crate::core::CoreResult;
 use crate::load::Outcome;
+use crate::pg::{PgbenchRun, Usage};
 use crate::scenarios::Endpoint;
 
 pub const CONCURRENCY: [usize; 3] = [1, 16, 64];
+/// The PostgreSQL store's rows: these endpoints at these concurrencies.
+pub const PG_CONCURRENCY: [usize; 2] = [16, 64];
+pub const PG_ENDPOINTS: [Endpoint; 3] =
+    [Endpoint::VerifyValid, Endpoint::Status, Endpoint::Activate];
+
+/// One endpoint at one concurrency on the PostgreSQL store, with `instances` servers.
+pub struct PgRow {
+    pub instances: usize,
+    pub endpoint: Endpoint,
+    pub concurrency: usize,
+    pub outcome: Outcome,
+    pub usage: Usage,
+}
+
+/// The PostgreSQL part of a run (`--store postgres`).
+pub struct PgResults {
+    pub version: String,
+    /// Connections per server.
+    pub pool_size: usize,
+    pub pgbench_seconds: u64,
+    /// Whether PostgreSQL runs here, so its CPU time was measured.
+    pub db_cpu_measured: bool,
+    pub rows: Vec<PgRow>,
+    /// pgbench before and after the totpd rows.
+    pub pgbench: Vec<PgbenchRun>,
+}
+
+impl PgResults {
+    /// pgbench's transactions/s at `concurrency`: the mean of the runs before and after.
+    pub fn pgbench_tps(&self, concurrency: usize) -> f64 {
+        let tps: Vec<f64> = self
+            .pgbench
+            .iter()
+            .filter(|run| run.concurrency == concurrency)
+            .map(|run| run.tps)
+            .collect();
+        if tps.is_empty() {
+            f64::NAN
+        } else {
+            tps.iter().sum::<f64>() / tps.len() as f64
+        }
+    }
+
+    pub fn row(&self, instances: usize, endpoint: Endpoint, c: usize) -> Option<&PgRow> {
+        self.rows
+            .iter()
+            .find(|r| r.instances == instances && r.endpoint == endpoint && r.concurrency == c)
+    }
+}
 
 pub struct Row {
     pub endpoint: Endpoint,
@@ -61,6 +111,7 @@ pub struct Results {
     pub binary_note: String,
     pub skipped: Vec<String>,
     pub elapsed: Duration,
+    pub postgres: Option<PgResults>,
 }
 
 pub const MIB: f64 = 1024.0 * 1024.0;
@@ -192,6 +243,33 @@ pub fn targets(r: &Results) -> Vec<Target> {
             Some(verify.ms(0.99) < 10.0),
         ));
     }
+    if let Some(pg) = &r.postgres {
+        let reference = pg.pgbench_tps(64);
+        for instances in [1, 2] {
+            let Some(row) = pg.row(instances, Endpoint::VerifyValid, 64) else {
+                continue;
+            };
+            let (o, servers) = (&row.outcome, plural(instances, "server"));
+            let share = o.rps() / reference;
+            t.push(Target::new(
+                &format!("PostgreSQL, {servers}: verify (valid code) req/s at c=64 vs pgbench"),
+                format!(
+                    "{} req/s vs {} tps = {}",
+                    rps(o.rps()),
+                    rps(reference),
+                    ratio(share)
+                ),
+                "≥ 0.50×",
+                Some(share >= 0.5),
+            ));
+            t.push(Target::new(
+                &format!("PostgreSQL, {servers}: verify (valid code) p99 at c=64"),
+                format!("{} ms", ms(o.ms(0.99))),
+                "< 20 ms",
+                Some(o.ms(0.99) < 20.0),
+            ));
+        }
+    }
     if let Some(c) = &r.core {
         for (label, totpd, rs, _) in c.rows() {
             t.push(Target::new(
@@ -253,6 +331,112 @@ pub fn targets(r: &Results) -> Vec<Target> {
 
 fn optional(v: Option<f64>) -> String {
     v.map_or("-".into(), |v| format!("{v:.0}"))
+}
+
+fn plural(n: usize, what: &str) -> String {
+    if n == 1 {
+        format!("1 {what}")
+    } else {
+        format!("{n} {what}s")
+    }
+}
+
+fn optional2(v: Option<f64>) -> String {
+    v.map_or("-".into(), |v| format!("{v:.2}"))
+}
+
+fn percent(v: Option<f64>) -> String {
+    v.map_or("-".into(), |v| format!("{:.0} %", v * 100.0))
+}
+
+/// The PostgreSQL table (`--store postgres`): pgbench's one-row UPDATE, then each endpoint on
+/// sled, on PostgreSQL with one server and with two, every rate also as a share of pgbench's
+/// transactions/s at the same concurrency.
+pub fn postgres_table(r: &Results) -> String {
+    let Some(pg) = &r.postgres else {
+        return String::new();
+    };
+    let mut s = String::from(
+        "| store | endpoint | c | req/s | × pgbench | p50 ms | p99 ms | p99.9 ms | errors | requests | totpd CPU µs/req | PostgreSQL CPU µs/req | write xacts/req | WAL B/req | machine busy |\n\
+         |---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n",
+    );
+    for (i, run) in pg.pgbench.iter().enumerate() {
+        let when = if i < PG_CONCURRENCY.len() {
+            "before"
+        } else {
+            "after"
+        };
+        let u = &run.usage;
+        let _ = writeln!(
+            s,
+            "| pgbench ({when}) | one-row UPDATE | {} | {} | {} | {} | {} | {} | {} | {} | - | {} | {} | {} | {} |",
+            run.concurrency,
+            rps(run.tps),
+            ratio(run.tps / pg.pgbench_tps(run.concurrency)),
+            ms(run.ms(0.5)),
+            ms(run.ms(0.99)),
+            ms(run.ms(0.999)),
+            run.failed,
+            run.transactions,
+            optional(u.db_cpu_us),
+            optional2(u.xacts),
+            optional(u.wal_bytes),
+            percent(u.busy),
+        );
+    }
+    let mut line = |store: &str, e: Endpoint, c: usize, o: &Outcome, u: Option<&Usage>| {
+        let exhausted = if o.exhausted { " ¹" } else { "" };
+        let _ = writeln!(
+            s,
+            "| {store} | {} | {c} | {} | {} | {} | {} | {} | {} | {}{exhausted} | {} | {} | {} | {} | {} |",
+            e.name(),
+            rps(o.rps()),
+            ratio(o.rps() / pg.pgbench_tps(c)),
+            ms(o.ms(0.5)),
+            ms(o.ms(0.99)),
+            ms(o.ms(0.999)),
+            o.errors(),
+            o.requests,
+            optional(o.server_cpu_us),
+            optional(u.and_then(|u| u.db_cpu_us)),
+            optional2(u.and_then(|u| u.xacts)),
+            optional(u.and_then(|u| u.wal_bytes)),
+            percent(u.and_then(|u| u.busy)),
+        );
+    };
+    for e in PG_ENDPOINTS {
+        for c in PG_CONCURRENCY {
+            if let Some(o) = r.row(e, c) {
+                line("sled", e, c, o, None);
+            }
+            for instances in [1, 2] {
+                if let Some(row) = pg.row(instances, e, c) {
+                    let store = format!("postgres, {}", plural(instances, "server"));
+                    line(&store, e, c, &row.outcome, Some(&row.usage));
+                }
+            }
+        }
+    }
+    let _ = writeln!(
+        s,
+        "\nPostgreSQL {} on the same machine, `synchronous_commit` on; {} pooled connections per \
+         totpd server (two servers: the load split evenly between them, totpd CPU is both \
+         together); pgbench: `{}` (and c=16) on a {}-row table, one client thread like the \
+         harness, × pgbench uses the mean of its runs before and after. PostgreSQL CPU: the \
+         postmaster and all its processes{}; write xacts: transaction ids taken (read-only \
+         transactions take none); machine busy: all cores, load generator and everything else \
+         included.",
+        pg.version,
+        pg.pool_size,
+        crate::pg::pgbench_command(64, pg.pgbench_seconds),
+        crate::pg::PGBENCH_ROWS,
+        if pg.db_cpu_measured {
+            ""
+        } else {
+            " (not measured: the database is not on this machine)"
+        },
+    );
+    s
 }
 
 /// The endpoint table as Markdown (also printed).
@@ -411,6 +595,9 @@ pub fn markdown(r: &Results) -> String {
          ¹ prepared data ran out before the window ended; the rate is over the time it lasted.\n",
         drift.join(", ")
     );
+    if r.postgres.is_some() {
+        let _ = writeln!(s, "## PostgreSQL store\n\n{}", postgres_table(r));
+    }
     let _ = writeln!(s, "{}", other_tables(r));
     let _ = writeln!(s, "## Targets\n\n{}", targets_table(r));
     s

@@ -6,7 +6,7 @@
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use totpd::clock::{Clock, SystemClock, UnixTime};
 use totpd::config::Config;
@@ -21,7 +21,7 @@ use totpd::domain::user::{PendingLogin, PendingTotp, StoredSecret, User, UserId}
 use totpd::service::password::{Argon2Settings, PasswordHasher};
 use totpd::service::sealing::{self, Keyring};
 use totpd::store::codec::encode;
-use totpd::store::{BackupRecord, Store, StoreConfig};
+use totpd::store::{BackupRecord, DatabaseUrl, PostgresConfig, Store, StoreConfig};
 
 /// The password of every bench user.
 pub const PASSWORD: &str = "bench password 1";
@@ -83,9 +83,7 @@ pub fn pool<T>(items: Vec<T>) -> Pool<T> {
 }
 
 pub fn take<T>(pool: &Pool<T>) -> Option<T> {
-    pool.lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .pop()
+    pool.lock().unwrap_or_else(PoisonError::into_inner).pop()
 }
 
 /// How much of each kind the main data dir gets.
@@ -120,6 +118,8 @@ pub struct Seeder {
     hash: String,
     next_id: AtomicU64,
     next_event: AtomicU64,
+    /// PostgreSQL: records not yet imported.
+    batch: Option<Mutex<Vec<BackupRecord>>>,
 }
 
 fn err(e: impl std::fmt::Display) -> String {
@@ -159,29 +159,58 @@ fn scale_id(index: u64) -> UserId {
     index + 1
 }
 
+/// Where the seeder writes.
+pub enum SeedTarget<'a> {
+    /// A sled data dir (the master key file goes into it, where the server finds it).
+    Sled(&'a Path),
+    /// A PostgreSQL database, and the master key file every server on it is given.
+    Postgres { url: &'a str, master_key: &'a Path },
+}
+
+/// PostgreSQL: records are imported this many at a time, each in its own transaction (the
+/// store's `import`), from `IMPORT_TASKS` tasks at once so that the commits share WAL flushes.
+const IMPORT_BATCH: usize = 8192;
+const IMPORT_TASKS: usize = 16;
+
 impl Seeder {
-    pub fn open(data_dir: &Path, hash: &str) -> Result<Self, String> {
+    pub fn open(target: &SeedTarget<'_>, hash: &str) -> Result<Self, String> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
             .build()
             .map_err(err)?;
-        let store = runtime
-            .block_on(totpd::store::open(&StoreConfig::Sled {
-                data_dir: data_dir.to_path_buf(),
-                cache_capacity: SEED_CACHE,
-            }))
-            .map_err(err)?;
-        // The master key file the server will find in the data dir (created on first open).
-        let config = Config {
-            data_dir: data_dir.to_path_buf(),
-            ..Config::default()
+        let (store_config, key_path, batch) = match target {
+            SeedTarget::Sled(data_dir) => {
+                // The master key file the server will find in the data dir (created on first
+                // open).
+                let config = Config {
+                    data_dir: data_dir.to_path_buf(),
+                    ..Config::default()
+                };
+                let store = StoreConfig::Sled {
+                    data_dir: data_dir.to_path_buf(),
+                    cache_capacity: SEED_CACHE,
+                };
+                (store, config.master_key_path(), None)
+            }
+            SeedTarget::Postgres { url, master_key } => {
+                let store = StoreConfig::Postgres(PostgresConfig {
+                    url: DatabaseUrl::new(*url),
+                    pool_size: IMPORT_TASKS,
+                    timeout: std::time::Duration::from_secs(30),
+                    ca_file: None,
+                });
+                (
+                    store,
+                    master_key.to_path_buf(),
+                    Some(Mutex::new(Vec::new())),
+                )
+            }
         };
-        let (keyring, _) = runtime.block_on(sealing::establish(
-            None,
-            &config.master_key_path(),
-            store.as_ref(),
-        ))?;
+        let store = runtime
+            .block_on(totpd::store::open(&store_config))
+            .map_err(err)?;
+        let (keyring, _) = runtime.block_on(sealing::establish(None, &key_path, store.as_ref()))?;
         Ok(Self {
             store,
             runtime,
@@ -190,6 +219,7 @@ impl Seeder {
             hash: hash.to_owned(),
             next_id: AtomicU64::new(1),
             next_event: AtomicU64::new(1),
+            batch,
         })
     }
 
@@ -199,9 +229,51 @@ impl Seeder {
             key,
             value,
         };
+        if let Some(batch) = &self.batch {
+            let full = {
+                let mut pending = batch.lock().unwrap_or_else(PoisonError::into_inner);
+                pending.push(record);
+                pending.len() >= IMPORT_BATCH
+            };
+            return if full { self.flush() } else { Ok(()) };
+        }
         self.runtime
             .block_on(self.store.import(record))
             .map_err(err)
+    }
+
+    /// PostgreSQL: imports the records gathered so far, from `IMPORT_TASKS` tasks at once.
+    fn flush(&self) -> Result<(), String> {
+        let Some(batch) = &self.batch else {
+            return Ok(());
+        };
+        let records = std::mem::take(&mut *batch.lock().unwrap_or_else(PoisonError::into_inner));
+        if records.is_empty() {
+            return Ok(());
+        }
+        let per_task = records.len().div_ceil(IMPORT_TASKS);
+        let mut records = records.into_iter();
+        let mut tasks = tokio::task::JoinSet::new();
+        let _guard = self.runtime.enter();
+        loop {
+            let chunk: Vec<BackupRecord> = records.by_ref().take(per_task).collect();
+            if chunk.is_empty() {
+                break;
+            }
+            let store = Arc::clone(&self.store);
+            tasks.spawn(async move {
+                for record in chunk {
+                    store.import(record).await.map_err(err)?;
+                }
+                Ok::<(), String>(())
+            });
+        }
+        self.runtime.block_on(async {
+            while let Some(done) = tasks.join_next().await {
+                done.map_err(err)??;
+            }
+            Ok(())
+        })
     }
 
     /// Writes `user` as it now is (a new user, or a new state of one).
@@ -223,6 +295,7 @@ impl Seeder {
     }
 
     pub fn find(&self, name: &str) -> Result<User, String> {
+        self.flush()?;
         self.runtime
             .block_on(self.store.user_by_name(name))
             .map_err(err)?
@@ -333,8 +406,10 @@ impl Seeder {
         Ok(token)
     }
 
-    /// Flushes and closes the store (a server can then open the data dir).
+    /// Imports what is still gathered, flushes and closes the store (a server can then open the
+    /// data dir).
     pub fn finish(self) -> Result<(), String> {
+        self.flush()?;
         self.runtime.block_on(self.store.close()).map_err(err)
     }
 
