@@ -175,12 +175,13 @@ impl SledStore {
         })
     }
 
-    /// The compare-and-swap loop of `update_user`, without the flush.
+    /// The compare-and-swap loop of `update_user`, without the flush: the user after the change,
+    /// the change's other writes, and whether the record itself was rewritten.
     fn apply_change(
         &self,
         id: UserId,
         change: &mut UserChange<'_>,
-    ) -> Result<Option<(User, Writes)>, StoreError> {
+    ) -> Result<Option<(User, Writes, bool)>, StoreError> {
         let key = id.to_be_bytes();
         let inner = &self.0;
         loop {
@@ -191,7 +192,7 @@ impl SledStore {
             let mut user = before.clone();
             let writes = change(&mut user);
             if user == before {
-                return Ok(Some((user, writes)));
+                return Ok(Some((user, writes, false)));
             }
             if inner
                 .users
@@ -210,7 +211,7 @@ impl SledStore {
                     self.carry_key_over(&kept, id, user.key_epoch)?;
                 }
             }
-            return Ok(Some((user, writes)));
+            return Ok(Some((user, writes, true)));
         }
     }
 
@@ -566,19 +567,20 @@ impl Store for SledStore {
         id: UserId,
         change: &mut UserChange<'_>,
     ) -> Result<Option<User>, StoreError> {
-        let (user, wrote) = {
+        let user = {
             let _writing = self.write_gate();
-            let before = self.0.users.get(id.to_be_bytes())?;
-            let Some((user, writes)) = self.apply_change(id, change)? else {
+            let Some((user, writes, _rewritten)) = self.apply_change(id, change)? else {
                 return Ok(None);
             };
-            let extra = self.apply_writes(id, &writes)?;
-            let changed = self.0.users.get(id.to_be_bytes())? != before;
-            (user, extra || changed)
+            self.apply_writes(id, &writes)?;
+            user
         };
-        if wrote {
-            self.persist().await?;
-        }
+        // Every change waits for the group commit, even one that wrote nothing: its outcome was
+        // decided on what it read, which may be another request's write not yet on disk, and
+        // the answer must not get ahead of that write. (This replaces a read of the record
+        // before and after the change, two more sled operations per request, which covered
+        // only part of that case.)
+        self.persist().await?;
         Ok(Some(user))
     }
 
