@@ -12,6 +12,7 @@ mod report;
 mod scenarios;
 mod seed;
 mod server;
+mod sled_only;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -322,6 +323,7 @@ fn run(args: &Args) -> Result<(), String> {
         preparation: Vec::new(),
         rows: Vec::new(),
         again: Vec::new(),
+        sled_only: Vec::new(),
         mixed: None,
         core: None,
         idle_startup: Duration::ZERO,
@@ -525,7 +527,40 @@ impl Bench<'_> {
         }
         references(results, true);
         reference.stop();
-        server.stop()
+        server.stop()?;
+        self.sled_only(results)
+    }
+
+    /// The store operations of the durable requests on sled alone (see `sled_only`), at the
+    /// endpoints' concurrencies, right after them.
+    fn sled_only(&self, results: &mut Results) -> Result<(), String> {
+        eprintln!("\n== sled only (the store operations of one request, group commit, fdatasync)");
+        let dir = self.work.join("sled-only");
+        let seeder = Seeder::open(&dir, &self.hash)?;
+        let m = &self.plan.main;
+        let plan = MainPlan {
+            per_worker: 1,
+            setup: 0,
+            activate: 0,
+            valid_users: m.valid_users,
+            valid_per_user: m.valid_per_user,
+            recovery_users: 0,
+            wrong_tokens: m.wrong_tokens,
+            logout: m.logout,
+        };
+        let data = seeder.main_data(&plan)?;
+        seeder.finish()?;
+        let runs: Vec<_> = sled_only::Ops::ALL
+            .into_iter()
+            .flat_map(|ops| CONCURRENCY.map(|c| (ops, c)))
+            .collect();
+        let cache = totpd::config::Config::default().cache_capacity;
+        let timing = sled_only::timing(self.plan.timing);
+        for (ops, c, outcome) in sled_only::run(&dir, cache, &data, &runs, timing)? {
+            progress(&format!("sled-only {} c={c}", ops.name()), &outcome);
+            results.sled_only.push((ops, c, outcome));
+        }
+        Ok(())
     }
 
     /// Memory and start-up of a server on an empty data dir.

@@ -9,6 +9,7 @@ use plotters::prelude::*;
 use crate::core::CoreResult;
 use crate::load::Outcome;
 use crate::scenarios::Endpoint;
+use crate::sled_only::Ops;
 
 pub const CONCURRENCY: [usize; 3] = [1, 16, 64];
 
@@ -47,6 +48,8 @@ pub struct Results {
     /// The baseline and the bare warp references measured again after the endpoints:
     /// (reference, concurrency, requests/s), the drift check.
     pub again: Vec<(Endpoint, usize, f64)>,
+    /// The store operations of one durable request on sled alone: (which, concurrency, outcome).
+    pub sled_only: Vec<(Ops, usize, Outcome)>,
     /// Logins and verifies at the same time.
     pub mixed: Option<(usize, Outcome, usize, Outcome)>,
     pub core: Option<CoreResult>,
@@ -103,6 +106,13 @@ impl Results {
     fn baseline_ms(&self, concurrency: usize, q: f64) -> f64 {
         self.row(Endpoint::Baseline, concurrency)
             .map_or(f64::NAN, |o| o.ms(q))
+    }
+
+    pub fn sled_only(&self, ops: Ops, concurrency: usize) -> Option<&Outcome> {
+        self.sled_only
+            .iter()
+            .find(|(o, c, _)| *o == ops && *c == concurrency)
+            .map(|(_, _, outcome)| outcome)
     }
 
     pub fn scale_point(&self, users: u64) -> Option<&ScalePoint> {
@@ -178,10 +188,21 @@ pub fn targets(r: &Results) -> Vec<Target> {
         if let Some(o) = at64(e) {
             let share = o.rps() / r.bare_rps(e, 64);
             let p99 = o.ms(0.99);
+            let ceiling = sled_counterpart(e)
+                .and_then(|ops| r.sled_only(ops, 64))
+                .map_or(String::new(), |s| {
+                    format!(
+                        "; sled alone (its store operations, group commit, fdatasync): {} req/s = {} of bare warp, p99 {} ms; the endpoint reaches {} of it",
+                        rps(s.rps()),
+                        ratio(s.rps() / r.bare_rps(e, 64)),
+                        ms(s.ms(0.99)),
+                        ratio(o.rps() / s.rps())
+                    )
+                });
             t.push(Target::new(
                 &format!("{} (durable) at c=64 vs bare warp POST", e.name()),
                 format!(
-                    "{} req/s = {}, p99 {} ms",
+                    "{} req/s = {}, p99 {} ms{ceiling}",
                     rps(o.rps()),
                     ratio(share),
                     ms(p99)
@@ -315,7 +336,12 @@ pub fn endpoint_table(r: &Results) -> String {
         );
     };
     for row in &r.rows {
-        line(row.endpoint.name(), row.endpoint, row.concurrency, &row.outcome);
+        line(
+            row.endpoint.name(),
+            row.endpoint,
+            row.concurrency,
+            &row.outcome,
+        );
     }
     if let Some((lc, login, vc, verify)) = &r.mixed {
         line("login, with verify alongside", Endpoint::Login, *lc, login);
@@ -329,8 +355,51 @@ pub fn endpoint_table(r: &Results) -> String {
     s
 }
 
+/// The sled-only operations that match an endpoint (verify with a recovery code does the same
+/// operations as with a valid code, plus one audit event).
+fn sled_counterpart(e: Endpoint) -> Option<Ops> {
+    match e {
+        Endpoint::VerifyValid | Endpoint::VerifyRecovery => Some(Ops::VerifyValid),
+        Endpoint::VerifyWrong => Some(Ops::VerifyWrong),
+        Endpoint::Logout => Some(Ops::Logout),
+        _ => None,
+    }
+}
+
 pub fn other_tables(r: &Results) -> String {
     let mut s = String::new();
+    if !r.sled_only.is_empty() {
+        let _ = writeln!(
+            s,
+            "The store operations of one durable request on sled alone (same sled config, \
+             totpd's group commit with a real fdatasync, same concurrency, no HTTP; a runtime \
+             with one worker per core; CPU is the harness process's):\n\n\
+             | operations of | what | c | req/s | × bare warp POST | p50 ms | p99 ms | CPU µs/req | endpoint req/s | endpoint ÷ sled alone |\n\
+             |---|---|--:|--:|--:|--:|--:|--:|--:|--:|"
+        );
+        for (ops, c, o) in &r.sled_only {
+            let endpoint = match ops {
+                Ops::VerifyValid => Endpoint::VerifyValid,
+                Ops::VerifyWrong => Endpoint::VerifyWrong,
+                Ops::Logout => Endpoint::Logout,
+            };
+            let e = r.row(endpoint, *c).map_or(f64::NAN, Outcome::rps);
+            let _ = writeln!(
+                s,
+                "| {} | {} | {c} | {} | {} | {} | {} | {} | {} | {} |",
+                ops.name(),
+                ops.describe(),
+                rps(o.rps()),
+                ratio(o.rps() / r.reference_rps(Endpoint::BarePost, *c)),
+                ms(o.ms(0.5)),
+                ms(o.ms(0.99)),
+                optional(o.server_cpu_us),
+                rps(e),
+                ratio(e / o.rps()),
+            );
+        }
+        s.push('\n');
+    }
     if let Some(c) = &r.core {
         let _ = writeln!(
             s,
@@ -443,7 +512,12 @@ pub fn markdown(r: &Results) -> String {
         .iter()
         .map(|(e, c, again)| {
             let first = r.row(*e, *c).map_or(f64::NAN, Outcome::rps);
-            format!("{} c={c}: {} then {} req/s", e.name(), rps(first), rps(*again))
+            format!(
+                "{} c={c}: {} then {} req/s",
+                e.name(),
+                rps(first),
+                rps(*again)
+            )
         })
         .collect();
     let _ = writeln!(
@@ -499,13 +573,7 @@ pub fn endpoints_csv(r: &Results) -> String {
         );
     }
     if let Some((lc, login, vc, verify)) = &r.mixed {
-        line(
-            "login_with_verify",
-            Endpoint::Login,
-            *lc,
-            true,
-            login,
-        );
+        line("login_with_verify", Endpoint::Login, *lc, true, login);
         line(
             "verify_valid_with_logins",
             Endpoint::VerifyValid,

@@ -134,8 +134,7 @@ fn source(endpoint: Endpoint, data: &MainData, worker: usize) -> Source {
             Box::new(move || {
                 let key = seed::take(&pool)?;
                 Some(
-                    Req::post("/api/v1/auth/logout/", String::new(), StatusCode::OK)
-                        .with_key(&key),
+                    Req::post("/api/v1/auth/logout/", String::new(), StatusCode::OK).with_key(&key),
                 )
             })
         }
