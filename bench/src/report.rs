@@ -261,7 +261,7 @@ pub fn targets(r: &Results) -> Vec<Target> {
             r.idle.current as f64 / MIB
         ),
         "< 20 MiB",
-        Some((r.idle.peak as f64) < 20.0 * MIB),
+        (r.idle.peak > 0).then_some((r.idle.peak as f64) < 20.0 * MIB),
     ));
     let million = r.scale_point(1_000_000);
     t.push(Target::new(
@@ -374,8 +374,8 @@ pub fn other_tables(r: &Results) -> String {
             "The store operations of one durable request on sled alone (same sled config, \
              totpd's group commit with a real fdatasync, same concurrency, no HTTP; a runtime \
              with one worker per core; CPU is the harness process's):\n\n\
-             | operations of | what | c | req/s | × bare warp POST | p50 ms | p99 ms | CPU µs/req | endpoint req/s | endpoint ÷ sled alone |\n\
-             |---|---|--:|--:|--:|--:|--:|--:|--:|--:|"
+             | operations of | what | c | req/s | × bare warp POST | p50 ms | p99 ms | CPU µs/req | written B/req | endpoint req/s | endpoint ÷ sled alone |\n\
+             |---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|"
         );
         for (ops, c, o) in &r.sled_only {
             let endpoint = match ops {
@@ -386,7 +386,7 @@ pub fn other_tables(r: &Results) -> String {
             let e = r.row(endpoint, *c).map_or(f64::NAN, Outcome::rps);
             let _ = writeln!(
                 s,
-                "| {} | {} | {c} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {c} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 ops.name(),
                 ops.describe(),
                 rps(o.rps()),
@@ -394,6 +394,7 @@ pub fn other_tables(r: &Results) -> String {
                 ms(o.ms(0.5)),
                 ms(o.ms(0.99)),
                 optional(o.server_cpu_us),
+                optional(o.server_write_bytes),
                 rps(e),
                 ratio(e / o.rps()),
             );

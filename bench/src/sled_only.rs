@@ -224,8 +224,8 @@ fn digests(ops: Ops, data: &MainData) -> Vec<Digest> {
 }
 
 /// Runs `ops` at `concurrency` on a runtime shaped like the server's (one worker per core),
-/// for the warm-up and window of `timing`. The outcome's CPU column is this process's (the
-/// harness does nothing else meanwhile).
+/// for the warm-up and window of `timing`. The outcome's CPU and bytes-written columns are this
+/// process's (the harness does nothing else meanwhile).
 pub fn run(
     data_dir: &Path,
     cache_capacity: u64,
@@ -254,6 +254,7 @@ pub fn run(
             .map(|(_, p)| Arc::clone(p))
             .ok_or("no data")?;
         let cpu_before = crate::load::cpu_seconds(std::process::id());
+        let written_before = crate::load::write_bytes(std::process::id());
         let start = Instant::now();
         let window_start = start + timing.warmup;
         let deadline = window_start + timing.measure;
@@ -291,6 +292,14 @@ pub fn run(
         {
             if outcome.answered > 0 {
                 outcome.server_cpu_us = Some((after - before) * 1e6 / outcome.answered as f64);
+            }
+        }
+        if let (Some(before), Some(after)) =
+            (written_before, crate::load::write_bytes(std::process::id()))
+        {
+            if outcome.answered > 0 {
+                outcome.server_write_bytes =
+                    Some(after.saturating_sub(before) as f64 / outcome.answered as f64);
             }
         }
         results.push((ops, concurrency, outcome));
