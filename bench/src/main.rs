@@ -540,7 +540,7 @@ impl Bench<'_> {
         let m = &self.plan.main;
         let plan = MainPlan {
             per_worker: 1,
-            setup: 0,
+            setup: m.setup,
             activate: 0,
             valid_users: m.valid_users,
             valid_per_user: m.valid_per_user,

@@ -20,7 +20,7 @@ use totpd::clock::{Clock, SystemClock};
 use totpd::domain::audit::{AuditEvent, EventKind};
 use totpd::domain::secrets;
 use totpd::domain::user::Digest;
-use totpd::domain::user::{LoginKey, User};
+use totpd::domain::user::{LoginKey, PendingTotp, StoredSecret, User};
 use totpd::store::codec::{decode, encode};
 use totpd::store::group_commit::GroupCommit;
 
@@ -38,16 +38,20 @@ pub enum Ops {
     VerifyWrong,
     /// logout: key get and user get (authentication), key removed, one audit event; flush.
     Logout,
+    /// setup: key get and user get (authentication), user compare-and-swap (a pending secret
+    /// added), one audit event; flush.
+    Setup,
 }
 
 impl Ops {
-    pub const ALL: [Ops; 3] = [Ops::VerifyValid, Ops::VerifyWrong, Ops::Logout];
+    pub const ALL: [Ops; 4] = [Ops::VerifyValid, Ops::VerifyWrong, Ops::Logout, Ops::Setup];
 
     pub fn name(self) -> &'static str {
         match self {
             Ops::VerifyValid => "verify_valid",
             Ops::VerifyWrong => "verify_wrong",
             Ops::Logout => "logout",
+            Ops::Setup => "setup",
         }
     }
 
@@ -56,6 +60,7 @@ impl Ops {
             Ops::VerifyValid => "index get, user get, user CAS, key insert, 1 event, flush",
             Ops::VerifyWrong => "index get, user get, user CAS, 1 event, flush",
             Ops::Logout => "key get, user get, key remove, 1 event, flush",
+            Ops::Setup => "key get, user get, user CAS, 1 event, flush",
         }
     }
 }
@@ -196,6 +201,32 @@ impl Db {
         self.keys.remove(digest).map_err(e)?;
         self.queue_event(&user, EventKind::KeyRevoked, "logout")
     }
+
+    /// setup: authenticate the key, then add a pending secret to the user (a sealed secret's
+    /// size: 24-byte nonce, 20-byte secret, 16-byte tag).
+    fn setup(&self, digest: &Digest) -> Result<(), String> {
+        let e = |e: sled::Error| e.to_string();
+        let bytes = self.keys.get(digest).map_err(e)?.ok_or("no such key")?;
+        let key: LoginKey = decode(&bytes).map_err(|e| format!("{e:?}"))?;
+        let id = key.user_id.to_be_bytes();
+        loop {
+            let old = self.users.get(id).map_err(e)?.ok_or("no such user")?;
+            let mut user: User = decode(&old).map_err(|e| format!("{e:?}"))?;
+            user.pending = Some(PendingTotp {
+                secret: StoredSecret::Plain(vec![7; 60]),
+                created_at: SystemClock.now(),
+                burned_steps: Vec::new(),
+            });
+            if self
+                .users
+                .compare_and_swap(id, Some(&old), Some(encode(&user)))
+                .map_err(e)?
+                .is_ok()
+            {
+                return self.queue_event(&user, EventKind::Setup, "ok");
+            }
+        }
+    }
 }
 
 /// The digests one kind of request uses up, one per request.
@@ -217,6 +248,10 @@ fn digests(ops: Ops, data: &MainData) -> Vec<Digest> {
             })
             .collect(),
         Ops::Logout => drain(&data.logout_keys)
+            .into_iter()
+            .map(|k: String| secrets::token_digest(&k))
+            .collect(),
+        Ops::Setup => drain(&data.setup_keys)
             .into_iter()
             .map(|k: String| secrets::token_digest(&k))
             .collect(),
@@ -337,6 +372,7 @@ async fn worker(
             Ops::VerifyValid => db.verify(&digest, true),
             Ops::VerifyWrong => db.verify(&digest, false),
             Ops::Logout => db.logout(&digest),
+            Ops::Setup => db.setup(&digest),
         };
         let flushed = db.commit.persist().await;
         let ended = Instant::now();
