@@ -366,13 +366,15 @@ pub fn endpoint_table(r: &Results) -> String {
 }
 
 /// The sled-only operations that match an endpoint (verify with a recovery code does the same
-/// operations as with a valid code, plus one audit event).
+/// operations as with a valid code, plus one audit event; activate the same as setup).
 fn sled_counterpart(e: Endpoint) -> Option<Ops> {
     match e {
         Endpoint::VerifyValid | Endpoint::VerifyRecovery => Some(Ops::VerifyValid),
         Endpoint::VerifyWrong => Some(Ops::VerifyWrong),
         Endpoint::Logout => Some(Ops::Logout),
-        Endpoint::Setup => Some(Ops::Setup),
+        // activate does what setup does to the store: the key and the user read, one
+        // compare-and-swap of the user, one event.
+        Endpoint::Setup | Endpoint::Activate => Some(Ops::Setup),
         _ => None,
     }
 }
