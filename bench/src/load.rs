@@ -102,8 +102,24 @@ impl Outcome {
     }
 }
 
+/// An outcome with nothing measured yet.
+pub fn empty_outcome() -> Outcome {
+    Outcome {
+        requests: 0,
+        seconds: 0.0,
+        latency: histogram(),
+        unexpected: 0,
+        io_errors: 0,
+        exhausted: false,
+        answered: 0,
+        server_cpu_us: None,
+        server_write_bytes: None,
+        samples: Vec::new(),
+    }
+}
+
 /// Latency histogram in nanoseconds, 1 µs to 120 s, 3 significant digits.
-fn histogram() -> Histogram<u64> {
+pub fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1_000, 120_000_000_000, 3).expect("valid histogram bounds")
 }
 

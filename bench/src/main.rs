@@ -13,6 +13,7 @@ mod report;
 mod scenarios;
 mod seed;
 mod server;
+mod sled_only;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -25,7 +26,7 @@ use crate::load::Timing;
 use crate::report::{CONCURRENCY, Memory, Results, Row, ScalePoint};
 use crate::scenarios::Endpoint;
 use crate::seed::{MainPlan, SeedTarget, Seeder};
-use crate::server::Server;
+use crate::server::{Reference, Server};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -149,6 +150,7 @@ impl Plan {
                 valid_per_user: 3,
                 recovery_users: 6_000 * f,
                 wrong_tokens: 15_000 * f,
+                logout: 60_000 * f,
             },
             postgres: MainPlan {
                 per_worker: 64,
@@ -158,6 +160,7 @@ impl Plan {
                 valid_per_user: 3,
                 recovery_users: 0,
                 wrong_tokens: 0,
+                logout: 0,
             },
             pgbench_seconds: if quick { 3 } else { 5 },
             scale: if quick {
@@ -237,10 +240,14 @@ fn server_binary(args: &Args) -> Result<(PathBuf, String), String> {
                 "build",
                 "-p",
                 "totpd",
+                "-p",
+                "totpd-bench",
                 "--features",
-                "bench",
+                "totpd/bench",
                 "--bin",
                 "totpd",
+                "--bin",
+                "bare-warp",
             ])
             .args(&flags)
             .arg("--target-dir")
@@ -258,6 +265,23 @@ fn server_binary(args: &Args) -> Result<(PathBuf, String), String> {
         ));
     }
     Ok((bin, format!("profile {profile}, features bench")))
+}
+
+/// The `bare-warp` next to this binary (`cargo run` built it with `totpd`, see `server_binary`).
+fn bare_binary() -> Result<PathBuf, String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let bin = exe
+        .parent()
+        .ok_or("no directory for this binary")?
+        .join("bare-warp");
+    if bin.exists() {
+        Ok(bin)
+    } else {
+        Err(format!(
+            "{} does not exist: build it with `cargo build --release -p totpd-bench`",
+            bin.display()
+        ))
+    }
 }
 
 /// Median seconds of one Argon2 run with `settings` on this machine.
@@ -312,6 +336,8 @@ struct Bench<'a> {
     args: &'a Args,
     plan: Plan,
     bin: PathBuf,
+    /// The external reference, `bare-warp`, built next to this binary.
+    bare: PathBuf,
     env: Vec<(String, String)>,
     work: PathBuf,
     hash: String,
@@ -350,7 +376,8 @@ fn run(args: &Args) -> Result<(), String> {
         argon2_capacity: hash_threads as f64 / argon2_seconds,
         preparation: Vec::new(),
         rows: Vec::new(),
-        baseline_again: Vec::new(),
+        again: Vec::new(),
+        sled_only: Vec::new(),
         mixed: None,
         core: None,
         idle_startup: Duration::ZERO,
@@ -386,6 +413,7 @@ fn run(args: &Args) -> Result<(), String> {
         args,
         plan: Plan::new(args.quick),
         bin,
+        bare: bare_binary()?,
         env: server::base_env(&work),
         work: work.clone(),
         hash: seed::password_hash(argon2)?,
@@ -487,7 +515,33 @@ impl Bench<'_> {
         eprintln!("  {}", results.preparation.last().map_or("", |s| s));
         let server = Server::start(&self.bin, &dir, &self.env)?;
         let (addr, pid) = (server.addr, Some(server.pid()));
+        let reference = Reference::start(&self.bare)?;
         let timing = self.plan.timing;
+        // The references and the in-process baseline, before the endpoints and again after
+        // them, so drift during the run shows and the ratios use the mean of both.
+        let references = |results: &mut Results, again: bool| {
+            for c in CONCURRENCY {
+                for (endpoint, addr, pid) in [
+                    (Endpoint::BareGet, reference.addr, Some(reference.pid())),
+                    (Endpoint::BarePost, reference.addr, Some(reference.pid())),
+                    (Endpoint::Baseline, addr, pid),
+                ] {
+                    let sources = scenarios::sources(endpoint, &data, c);
+                    let outcome = self.runtime.block_on(load::run(addr, sources, timing, pid));
+                    let label = if again { " again" } else { "" };
+                    progress(&format!("{}{label} c={c}", endpoint.name()), &outcome);
+                    if again {
+                        results.again.push((endpoint, c, outcome.rps()));
+                    } else {
+                        results.rows.push(Row {
+                            endpoint,
+                            concurrency: c,
+                            outcome,
+                        });
+                    }
+                }
+            }
+        };
         // sled's one-time housekeeping after a bulk load (a snapshot, segment cleaning) lands on
         // the first writes and can stall them for seconds: absorb it before measuring.
         let settle = scenarios::sources(Endpoint::Setup, &data, 16);
@@ -501,7 +555,11 @@ impl Bench<'_> {
              for seconds)",
             self.plan.settle.measure.as_secs_f64()
         ));
-        for endpoint in Endpoint::ALL.into_iter().filter(|e| self.wanted(*e)) {
+        references(results, false);
+        for endpoint in Endpoint::ALL
+            .into_iter()
+            .filter(|e| *e != Endpoint::Baseline && self.wanted(*e))
+        {
             for c in CONCURRENCY {
                 let sources = scenarios::sources(endpoint, &data, c);
                 let outcome = self.runtime.block_on(load::run(addr, sources, timing, pid));
@@ -528,13 +586,42 @@ impl Bench<'_> {
             progress(&format!("verify c={verify_c} (with logins)"), &verify);
             results.mixed = Some((login_c, login, verify_c, verify));
         }
-        for c in CONCURRENCY {
-            let sources = scenarios::sources(Endpoint::Baseline, &data, c);
-            let outcome = self.runtime.block_on(load::run(addr, sources, timing, pid));
-            progress(&format!("baseline again c={c}"), &outcome);
-            results.baseline_again.push((c, outcome.rps()));
+        references(results, true);
+        reference.stop();
+        server.stop()?;
+        self.sled_only(results)
+    }
+
+    /// The store operations of the durable requests on sled alone (see `sled_only`), at the
+    /// endpoints' concurrencies, right after them.
+    fn sled_only(&self, results: &mut Results) -> Result<(), String> {
+        eprintln!("\n== sled only (the store operations of one request, group commit, fdatasync)");
+        let dir = self.work.join("sled-only");
+        let seeder = Seeder::open(&SeedTarget::Sled(&dir), &self.hash)?;
+        let m = &self.plan.main;
+        let plan = MainPlan {
+            per_worker: 1,
+            setup: m.setup,
+            activate: 0,
+            valid_users: m.valid_users,
+            valid_per_user: m.valid_per_user,
+            recovery_users: 0,
+            wrong_tokens: m.wrong_tokens,
+            logout: m.logout,
+        };
+        let data = seeder.main_data(&plan)?;
+        seeder.finish()?;
+        let runs: Vec<_> = sled_only::Ops::ALL
+            .into_iter()
+            .flat_map(|ops| CONCURRENCY.map(|c| (ops, c)))
+            .collect();
+        let cache = totpd::config::Config::default().cache_capacity;
+        let timing = sled_only::timing(self.plan.timing);
+        for (ops, c, outcome) in sled_only::run(&dir, cache, &data, &runs, timing)? {
+            progress(&format!("sled-only {} c={c}", ops.name()), &outcome);
+            results.sled_only.push((ops, c, outcome));
         }
-        server.stop()
+        Ok(())
     }
 
     /// The PostgreSQL store: pgbench's one-row UPDATE at c=16 and 64 (before and after), then

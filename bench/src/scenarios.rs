@@ -10,6 +10,7 @@ use crate::load::{Req, Source};
 use crate::seed::{self, MainData, Pool, ValidUser};
 
 const VERIFY: &str = "/api/v1/auth/totp/verify/";
+const BARE: &str = "/api/v1/bench/bare/";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Endpoint {
@@ -21,10 +22,16 @@ pub enum Endpoint {
     VerifyValid,
     VerifyRecovery,
     VerifyWrong,
+    Logout,
+    /// The external reference's GET (a separate bare warp process, `bare-warp`).
+    BareGet,
+    /// The external reference's POST, parsing the same body as verify.
+    BarePost,
 }
 
 impl Endpoint {
-    pub const ALL: [Endpoint; 8] = [
+    /// The endpoints of the totpd server (the bare warp references run on their own process).
+    pub const ALL: [Endpoint; 9] = [
         Endpoint::Baseline,
         Endpoint::Login,
         Endpoint::Status,
@@ -33,6 +40,7 @@ impl Endpoint {
         Endpoint::VerifyValid,
         Endpoint::VerifyRecovery,
         Endpoint::VerifyWrong,
+        Endpoint::Logout,
     ];
 
     pub fn name(self) -> &'static str {
@@ -45,12 +53,26 @@ impl Endpoint {
             Endpoint::VerifyValid => "verify_valid",
             Endpoint::VerifyRecovery => "verify_recovery",
             Endpoint::VerifyWrong => "verify_wrong",
+            Endpoint::Logout => "logout",
+            Endpoint::BareGet => "bare warp GET",
+            Endpoint::BarePost => "bare warp POST",
         }
     }
 
     /// Whether a successful request of this kind is acknowledged only after a flush to disk.
     pub fn durable(self) -> bool {
-        !matches!(self, Endpoint::Baseline | Endpoint::Status)
+        !matches!(
+            self,
+            Endpoint::Baseline | Endpoint::Status | Endpoint::BareGet | Endpoint::BarePost
+        )
+    }
+
+    /// The bare warp route this endpoint is compared with: GET for status, POST for the rest.
+    pub fn reference(self) -> Endpoint {
+        match self {
+            Endpoint::Status | Endpoint::BareGet => Endpoint::BareGet,
+            _ => Endpoint::BarePost,
+        }
     }
 
     pub fn route(self) -> &'static str {
@@ -63,6 +85,9 @@ impl Endpoint {
             Endpoint::VerifyValid | Endpoint::VerifyRecovery | Endpoint::VerifyWrong => {
                 "POST /api/v1/auth/totp/verify/"
             }
+            Endpoint::Logout => "POST /api/v1/auth/logout/",
+            Endpoint::BareGet => "GET /api/v1/bench/bare/ (bare-warp)",
+            Endpoint::BarePost => "POST /api/v1/bench/bare/ (bare-warp)",
         }
     }
 }
@@ -89,6 +114,28 @@ fn source(endpoint: Endpoint, data: &MainData, worker: usize) -> Source {
                     body.clone(),
                     StatusCode::OK,
                 ))
+            })
+        }
+        Endpoint::BarePost => {
+            let body = verify_body("bench-baseline-temp-token-of-43-characters-", "123456");
+            Box::new(move || Some(Req::post(BARE, body.clone(), StatusCode::OK)))
+        }
+        Endpoint::BareGet => Box::new(|| {
+            Some(Req {
+                method: Method::GET,
+                path: BARE,
+                key: None,
+                body: Default::default(),
+                expect: StatusCode::OK,
+            })
+        }),
+        Endpoint::Logout => {
+            let pool = data.logout_keys.clone();
+            Box::new(move || {
+                let key = seed::take(&pool)?;
+                Some(
+                    Req::post("/api/v1/auth/logout/", String::new(), StatusCode::OK).with_key(&key),
+                )
             })
         }
         Endpoint::Login => {

@@ -97,6 +97,8 @@ pub struct MainPlan {
     pub valid_per_user: usize,
     pub recovery_users: usize,
     pub wrong_tokens: usize,
+    /// Login keys to log out, one request each (32 per user).
+    pub logout: usize,
 }
 
 /// Everything the endpoint scenarios need.
@@ -108,6 +110,7 @@ pub struct MainData {
     pub valid: Pool<ValidUser>,
     pub recovery: Pool<RecoveryUser>,
     pub wrong: Pool<WrongToken>,
+    pub logout_keys: Pool<String>,
 }
 
 pub struct Seeder {
@@ -426,6 +429,13 @@ impl Seeder {
         let setup_keys = (0..plan.setup)
             .map(|i| self.key(&self.saved_user(&format!("setup-{i:06}"))?))
             .collect::<Result<_, _>>()?;
+        let mut logout_keys = Vec::with_capacity(plan.logout);
+        for i in 0..plan.logout.div_ceil(32) {
+            let user = self.saved_user(&format!("logout-{i:05}"))?;
+            for _ in 0..32.min(plan.logout - logout_keys.len()) {
+                logout_keys.push(self.key(&user)?);
+            }
+        }
         let mut activate = Vec::with_capacity(plan.activate);
         for i in 0..plan.activate {
             let mut user = self.user(&format!("activate-{i:06}"));
@@ -478,6 +488,7 @@ impl Seeder {
             login,
             status_keys,
             setup_keys: pool(setup_keys),
+            logout_keys: pool(logout_keys),
             activate: pool(activate),
             valid: pool(valid),
             recovery: pool(recovery),

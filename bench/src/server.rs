@@ -16,7 +16,8 @@ pub fn base_env(dir: &Path) -> Vec<(String, String)> {
             "TOTPD_CONFIG".into(),
             dir.join("empty.toml").display().to_string(),
         ),
-        ("TOTPD_LOG_LEVEL".into(), "warn".into()),
+        // The log level stays at its default (info): the one line per request is part of what
+        // a default server costs. It goes to a file (see `Server::start`), as under systemd.
     ];
     // Abuse limits would throttle a load generator that sends everything from 127.0.0.1;
     // they are switched off only where this totpd has them.
@@ -197,4 +198,58 @@ pub fn dir_size(dir: &Path) -> (u64, u64) {
         }
     }
     total
+}
+
+/// The external reference: the `bare-warp` binary (a minimal warp 0.4 server, see
+/// `src/bin/bare-warp.rs`) as a process of its own, so it pays for its own process exactly as
+/// totpd does.
+pub struct Reference {
+    child: Child,
+    pub addr: SocketAddr,
+}
+
+impl Reference {
+    pub fn start(bin: &Path) -> Result<Self, String> {
+        let mut child = Command::new(bin)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", bin.display()))?;
+        let stdout = child.stdout.take().ok_or("no stdout")?;
+        let mut line = String::new();
+        let read = BufReader::new(stdout).read_line(&mut line);
+        match line
+            .trim()
+            .strip_prefix("listening on http://")
+            .and_then(|a| a.parse::<SocketAddr>().ok())
+        {
+            Some(addr) if read.is_ok() => Ok(Self { child, addr }),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                Err(format!("{} did not start: {line:?}", bin.display()))
+            }
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGTERM, then SIGKILL if it has not stopped after 5 s.
+    pub fn stop(mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

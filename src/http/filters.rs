@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use futures_util::{Stream, StreamExt};
-use warp::http::{HeaderMap, header};
+use warp::http::{HeaderMap, HeaderValue, header};
 use warp::{Filter, Rejection};
 
 use super::SharedState;
@@ -27,6 +27,45 @@ pub const MAX_BODY_BYTES: usize = 16 * 1024;
 pub struct ClientAddr {
     pub peer: SocketAddr,
     pub ip: Option<IpAddr>,
+}
+
+/// The `Authorization` header values of a request, taken by the server layer (which sees the
+/// request before warp does) so that authenticating does not clone the whole header map: the
+/// first value (a cheap, reference-counted `HeaderValue`) and whether there were more, which
+/// `input::login_key` refuses.
+#[derive(Debug, Clone, Default)]
+pub struct Authorization {
+    first: Option<HeaderValue>,
+    several: bool,
+}
+
+impl Authorization {
+    pub fn of(headers: &HeaderMap) -> Self {
+        let mut values = headers.get_all(header::AUTHORIZATION).iter();
+        let first = values.next().cloned();
+        Self {
+            several: first.is_some() && values.next().is_some(),
+            first,
+        }
+    }
+
+    /// The values as `input::login_key` reads them (the second only as a marker that there
+    /// were several).
+    fn values(&self) -> Vec<&[u8]> {
+        match &self.first {
+            None => Vec::new(),
+            Some(first) if self.several => vec![first.as_bytes(), first.as_bytes()],
+            Some(first) => vec![first.as_bytes()],
+        }
+    }
+}
+
+/// The request's `Authorization` values: from the server layer's extension, or, for a route
+/// served without that layer (warp's test requests), read from the headers.
+fn authorization() -> impl Filter<Extract = (Authorization,), Error = Infallible> + Clone {
+    warp::ext::get::<Authorization>()
+        .or(warp::header::headers_cloned().map(|headers: HeaderMap| Authorization::of(&headers)))
+        .unify()
 }
 
 /// The shared state.
@@ -74,15 +113,11 @@ pub fn authenticated(
 ) -> impl Filter<Extract = (Session,), Error = Rejection> + Clone + use<> {
     with_state(state)
         .and(request_context(state))
-        .and(warp::header::headers_cloned())
+        .and(authorization())
         .and_then(
-            |state: SharedState, ctx: Ctx, headers: HeaderMap| async move {
-                let values: Vec<&[u8]> = headers
-                    .get_all(header::AUTHORIZATION)
-                    .iter()
-                    .map(|v| v.as_bytes())
-                    .collect();
-                let key = input::login_key(&values).map_err(warp::reject::custom)?;
+            |state: SharedState, ctx: Ctx, authorization: Authorization| async move {
+                let key =
+                    input::login_key(&authorization.values()).map_err(warp::reject::custom)?;
                 state
                     .service
                     .authenticate(&key, &ctx)
@@ -103,24 +138,42 @@ pub fn json<T: FromBody + Send>(
         .and_then(|body: Bytes| async move { T::from_body(&body).map_err(warp::reject::custom) })
 }
 
-/// The raw body, with the checks of `json`.
+/// The raw body, with the checks of `json`. Only the two headers it needs are read (not a
+/// clone of the whole map).
 pub fn body(timeout: Duration) -> impl Filter<Extract = (Bytes,), Error = Rejection> + Clone {
-    warp::header::headers_cloned()
+    optional_value("content-length")
+        .and(optional_value("content-type"))
         .and(warp::body::stream())
-        .and_then(move |headers: HeaderMap, stream| async move {
-            read_body(&headers, stream, timeout)
-                .await
-                .map_err(warp::reject::custom)
-        })
+        .and_then(
+            move |length: Option<HeaderValue>, kind: Option<HeaderValue>, stream| async move {
+                read_body(length.as_ref(), kind.as_ref(), stream, timeout)
+                    .await
+                    .map_err(warp::reject::custom)
+            },
+        )
 }
 
-async fn read_body<S, B>(headers: &HeaderMap, stream: S, timeout: Duration) -> Result<Bytes, Error>
+/// The first value of header `name`, if any.
+fn optional_value(
+    name: &'static str,
+) -> impl Filter<Extract = (Option<HeaderValue>,), Error = Infallible> + Clone {
+    warp::header::value(name)
+        .map(Some)
+        .or(warp::any().map(|| None))
+        .unify()
+}
+
+async fn read_body<S, B>(
+    length: Option<&HeaderValue>,
+    kind: Option<&HeaderValue>,
+    stream: S,
+    timeout: Duration,
+) -> Result<Bytes, Error>
 where
     S: Stream<Item = Result<B, warp::Error>>,
     B: Buf,
 {
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
+    let declared = length
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
@@ -129,7 +182,7 @@ where
     let body = tokio::time::timeout(timeout, collect_limited(stream))
         .await
         .map_err(|_| Error::RequestTimeout)??;
-    if !body.is_empty() && !is_json(headers) {
+    if !body.is_empty() && !is_json(kind) {
         return Err(Error::UnsupportedMediaType);
     }
     Ok(body)
@@ -158,10 +211,8 @@ where
 }
 
 /// `application/json`, any case, parameters (such as charset) allowed.
-fn is_json(headers: &HeaderMap) -> bool {
-    headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
+fn is_json(kind: Option<&HeaderValue>) -> bool {
+    kind.and_then(|v| v.to_str().ok())
         .and_then(|v| v.split(';').next())
         .is_some_and(|essence| essence.trim().eq_ignore_ascii_case("application/json"))
 }

@@ -17,13 +17,12 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
-use warp::Filter;
 use warp::http::HeaderValue;
 
 use super::SharedState;
 use super::connection::{PerAddressCap, WriteDeadline};
-use super::filters::ClientAddr;
-use super::routes::route_label;
+use super::filters::{Authorization, ClientAddr};
+use super::routes::{Dispatch, route_label};
 use crate::limits::client_ip;
 
 /// How long shutdown waits for requests in flight before it gives up on them.
@@ -39,8 +38,8 @@ pub async fn serve(
     state: SharedState,
     shutdown: impl Future<Output = ()>,
 ) {
-    // The filter tree is built once and shared: a request clones one `Arc`.
-    let routes = warp::service(super::routes::routes(&state).boxed());
+    // The routes are built once and shared: a request clones one `Arc` (its route's filter).
+    let routes = Arc::new(Dispatch::new(&state));
     let permits = Arc::new(Semaphore::new(state.config.max_connections));
     let per_address = PerAddressCap::new(
         state.config.max_connections_per_ip,
@@ -82,10 +81,15 @@ pub async fn serve(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let routes = routes.clone();
+        let routes = Arc::clone(&routes);
         let state = SharedState::clone(&state);
         let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
-            handle(routes.clone(), SharedState::clone(&state), peer, request)
+            handle(
+                Arc::clone(&routes),
+                SharedState::clone(&state),
+                peer,
+                request,
+            )
         });
         let http = http.clone();
         let watcher = graceful.watcher();
@@ -133,21 +137,15 @@ fn finish(result: Result<(), hyper::Error>, peer: SocketAddr) {
 }
 
 /// The layer every request passes through: request id, routes, metrics, one log line.
-async fn handle<S>(
-    mut routes: S,
+async fn handle(
+    routes: Arc<Dispatch>,
     state: SharedState,
     peer: SocketAddr,
     mut request: hyper::Request<Incoming>,
-) -> Result<warp::reply::Response, Infallible>
-where
-    S: tower_service::Service<
-            hyper::Request<Incoming>,
-            Response = warp::reply::Response,
-            Error = Infallible,
-        >,
-{
+) -> Result<warp::reply::Response, Infallible> {
+    use tower_service::Service as _;
     let started = Instant::now();
-    let id = format!("{:016x}", rand::random::<u64>());
+    let id = RequestId::new();
     let method = request.method().clone();
     let route = route_label(request.uri().path());
     let forwarded: Vec<&str> = request
@@ -157,9 +155,12 @@ where
         .filter_map(|v| v.to_str().ok())
         .collect();
     let ip = client_ip(Some(peer), &forwarded, &state.config.trusted_proxies);
+    let authorization = Authorization::of(request.headers());
     request.extensions_mut().insert(ClientAddr { peer, ip });
-    let mut response = routes.call(request).await?;
-    if let Ok(value) = HeaderValue::from_str(&id) {
+    request.extensions_mut().insert(authorization);
+    let mut service = warp::service(routes.route(request.uri().path()).clone());
+    let mut response = service.call(request).await?;
+    if let Ok(value) = HeaderValue::from_bytes(id.as_bytes()) {
         response.headers_mut().insert("x-request-id", value);
     }
     let status = response.status().as_u16();
@@ -171,8 +172,34 @@ where
         route,
         status,
         latency_us = elapsed.as_micros() as u64,
-        request_id = %id,
+        request_id = id.as_str(),
         "request"
     );
     Ok(response)
+}
+
+/// A request id: 64 random bits as 16 lowercase hex digits, on the stack (no `String` per
+/// request; the header value and the log line borrow it).
+struct RequestId([u8; 16]);
+
+impl RequestId {
+    fn new() -> Self {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut n = rand::random::<u64>();
+        let mut digits = [0u8; 16];
+        for digit in digits.iter_mut().rev() {
+            *digit = HEX[(n & 0xf) as usize];
+            n >>= 4;
+        }
+        Self(digits)
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    fn as_str(&self) -> &str {
+        // Only ASCII hex digits are ever written.
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
 }

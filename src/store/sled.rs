@@ -168,12 +168,13 @@ impl SledStore {
         })
     }
 
-    /// The compare-and-swap loop of `update_user`, without the flush.
+    /// The compare-and-swap loop of `update_user`, without the flush: the user after the change,
+    /// the change's other writes, and whether the record itself was rewritten.
     fn apply_change(
         &self,
         id: UserId,
         change: &mut UserChange<'_>,
-    ) -> Result<Option<(User, Writes)>, StoreError> {
+    ) -> Result<Option<(User, Writes, bool)>, StoreError> {
         let key = id.to_be_bytes();
         let inner = &self.0;
         loop {
@@ -184,7 +185,7 @@ impl SledStore {
             let mut user = before.clone();
             let writes = change(&mut user);
             if user == before {
-                return Ok(Some((user, writes)));
+                return Ok(Some((user, writes, false)));
             }
             if inner
                 .users
@@ -199,7 +200,7 @@ impl SledStore {
                     self.carry_key_over(&kept, id, user.key_epoch)?;
                 }
             }
-            return Ok(Some((user, writes)));
+            return Ok(Some((user, writes, true)));
         }
     }
 
@@ -553,15 +554,17 @@ impl Store for SledStore {
     ) -> Result<Option<User>, StoreError> {
         let user = {
             let _writing = self.write_gate().await;
-            let Some((user, writes)) = self.apply_change(id, change)? else {
+            let Some((user, writes, _rewritten)) = self.apply_change(id, change)? else {
                 return Ok(None);
             };
             self.apply_writes(id, &writes)?;
             user
         };
-        // Even when this change wrote nothing, its answer was decided on a record that another
-        // request may have written and not yet made durable: wait for that flush too (shared
-        // by group commit), so no answer rests on a write a crash could still undo.
+        // Every change waits for the group commit, even one that wrote nothing: its outcome was
+        // decided on what it read, which may be another request's write not yet on disk, and
+        // the answer must not get ahead of that write. (This replaces a read of the record
+        // before and after the change, two more sled operations per request, which covered
+        // only part of that case.)
         self.persist().await?;
         Ok(Some(user))
     }
