@@ -9,6 +9,8 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use crate::store::StoreStats;
+
 /// Upper bounds of the latency buckets, in seconds.
 const BUCKETS: [f64; 12] = [
     0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
@@ -82,32 +84,6 @@ pub struct Metrics {
     lockouts: AtomicU64,
 }
 
-/// The numbers that live in the store, read at scrape time.
-pub struct StoreGauges {
-    pub users: u64,
-    pub totp_active: u64,
-    pub database_bytes: u64,
-    /// Group-commit flushes done, and the durable writes they acknowledged.
-    pub flushes: u64,
-    pub acknowledged_writes: u64,
-    /// The database connection pool (PostgreSQL only).
-    pub pool: Option<PoolGauges>,
-}
-
-/// A database connection pool, as the store reports it.
-pub struct PoolGauges {
-    pub max_size: u64,
-    /// Connections open, and of them idle.
-    pub size: u64,
-    pub available: u64,
-    /// Requests waiting for a connection now.
-    pub waiting: u64,
-    /// Requests that found no connection within `database_timeout_ms` (answered 503).
-    pub timeouts: u64,
-    /// Store operations that failed in the database or its connection.
-    pub errors: u64,
-}
-
 impl Metrics {
     /// Metrics for these routes (path templates) and `other`.
     pub fn new(routes: impl IntoIterator<Item = &'static str>) -> Self {
@@ -160,7 +136,10 @@ impl Metrics {
     }
 
     /// The Prometheus text exposition format (version 0.0.4).
-    pub fn render(&self, gauges: &StoreGauges) -> String {
+    /// The text of every family; the store's figures (`stats`) are read at scrape time, and
+    /// the user gauges read 0 until the count after start is done.
+    pub fn render(&self, stats: &StoreStats) -> String {
+        let (users, totp_active) = stats.counts.unwrap_or((0, 0));
         let mut out = String::new();
         out.push_str(
             "# HELP totpd_http_requests_total HTTP requests answered, by route and status.\n",
@@ -232,36 +211,36 @@ impl Metrics {
             "Locks started after too many failed codes.",
             self.lockouts.load(Ordering::Relaxed),
         );
-        gauge(&mut out, "totpd_users", "gauge", "Users.", gauges.users);
+        gauge(&mut out, "totpd_users", "gauge", "Users.", users);
         gauge(
             &mut out,
             "totpd_users_totp_active",
             "gauge",
             "Users with TOTP active.",
-            gauges.totp_active,
+            totp_active,
         );
         gauge(
             &mut out,
             "totpd_store_flushes_total",
             "counter",
             "Group-commit flushes of the store.",
-            gauges.flushes,
+            stats.flushes,
         );
         gauge(
             &mut out,
             "totpd_store_acknowledged_writes_total",
             "counter",
             "Requests whose writes a flush made durable (per flush: the batching achieved).",
-            gauges.acknowledged_writes,
+            stats.acknowledged_writes,
         );
         gauge(
             &mut out,
             "totpd_database_bytes",
             "gauge",
             "Bytes the database files take.",
-            gauges.database_bytes,
+            stats.bytes_on_disk,
         );
-        if let Some(pool) = &gauges.pool {
+        if let Some(pool) = &stats.pool {
             for (name, kind, help, value) in [
                 (
                     "totpd_db_pool_max_size",
@@ -310,6 +289,7 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::PoolStats;
 
     #[test]
     fn renders_counters_histograms_and_gauges() {
@@ -320,13 +300,12 @@ mod tests {
         metrics.record_request("/wp-admin/", 404, Duration::from_micros(50));
         metrics.record_verify(VerifyOutcome::Replay);
         metrics.record_lockout();
-        let text = metrics.render(&StoreGauges {
-            users: 3,
-            totp_active: 2,
-            database_bytes: 4096,
+        let text = metrics.render(&StoreStats {
+            counts: Some((3, 2)),
+            bytes_on_disk: 4096,
             flushes: 7,
             acknowledged_writes: 40,
-            pool: Some(PoolGauges {
+            pool: Some(PoolStats {
                 max_size: 16,
                 size: 4,
                 available: 3,

@@ -8,7 +8,6 @@ use warp::reply::Response;
 use super::SharedState;
 use super::qr;
 use crate::error::{Error, json_response};
-use crate::metrics::{PoolGauges, StoreGauges};
 use crate::service::input::{
     LoginForm, NoBody, PasswordChange, RecoveryCodesRegenerate, RegistrationForm, TotpActivate,
     TotpDeactivate, TotpVerify,
@@ -205,24 +204,7 @@ pub async fn metrics(state: SharedState, ctx: Ctx) -> Reply {
         return Err(Error::PermissionDenied);
     }
     let stats = state.service.store_stats();
-    // Until the count after start is done, the user gauges read 0.
-    let (users, totp_active) = stats.counts.unwrap_or((0, 0));
-    let gauges = StoreGauges {
-        users,
-        totp_active,
-        database_bytes: stats.bytes_on_disk,
-        flushes: stats.flushes,
-        acknowledged_writes: stats.acknowledged_writes,
-        pool: stats.pool.map(|pool| PoolGauges {
-            max_size: pool.max_size,
-            size: pool.size,
-            available: pool.available,
-            waiting: pool.waiting,
-            timeouts: pool.timeouts,
-            errors: pool.errors,
-        }),
-    };
-    let mut response = Response::new(state.metrics.render(&gauges).into());
+    let mut response = Response::new(state.metrics.render(&stats).into());
     response.headers_mut().insert(
         header::CONTENT_TYPE,
         warp::http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
