@@ -58,33 +58,15 @@ impl Service {
             created_at: ctx.now,
             burned_steps: Vec::new(),
         };
-        let outcome = self
-            .change_as(session, |user| {
-                let outcome = enrolment::begin_setup(user, pending.clone());
-                let events = match outcome {
-                    Ok(()) => vec![event(ctx, EventKind::Setup, Some(user), "ok")],
-                    Err(_) => Vec::new(),
-                };
-                (
-                    outcome,
-                    Writes {
-                        events,
-                        ..Writes::default()
-                    },
-                )
-            })
-            .await?;
-        match outcome {
-            Some(Ok(())) => Ok(TotpSetup {
-                secret_key: secret.to_base32(),
-                provisioning_uri: totp::provisioning_uri(
-                    &self.policy.issuer,
-                    &user.username,
-                    &secret,
-                ),
-            }),
-            _ => Err(Error::TotpAlreadyActive),
-        }
+        let kind = EventKind::Setup;
+        self.guarded_change(session, kind, ctx, Error::TotpAlreadyActive, |user| {
+            enrolment::begin_setup(user, pending.clone())
+        })
+        .await?;
+        Ok(TotpSetup {
+            secret_key: secret.to_base32(),
+            provisioning_uri: totp::provisioning_uri(&self.policy.issuer, &user.username, &secret),
+        })
     }
 
     /// A TOTP code as a proof against `stored`: not even checked while the user is locked (so
@@ -296,7 +278,7 @@ impl Service {
         Ok(codes.shown)
     }
 
-    /// Applies a code-guarded change of the TOTP state (`change`, a function of `enrolment`)
+    /// Applies a change of the TOTP state (`change`, a function of `enrolment`, most guarded by a code)
     /// with its audit events; a refusal becomes its answer, a vanished user `missing`.
     async fn guarded_change<T: Send>(
         &self,
