@@ -120,11 +120,6 @@ pub fn pass_code(
     }
 }
 
-/// Drops temp tokens that can no longer be used.
-pub fn expire_temp_tokens(user: &mut User, now: UnixTime) {
-    user.temp_tokens.retain(|t| t.is_live(now));
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -168,13 +168,13 @@ impl SledStore {
         })
     }
 
-    /// The compare-and-swap loop of `update_user`, without the flush: the user after the change,
-    /// the change's other writes, and whether the record itself was rewritten.
+    /// The compare-and-swap loop of `update_user`, without the flush: the user after the change
+    /// and the change's other writes.
     fn apply_change(
         &self,
         id: UserId,
         change: &mut UserChange<'_>,
-    ) -> Result<Option<(User, Writes, bool)>, StoreError> {
+    ) -> Result<Option<(User, Writes)>, StoreError> {
         let key = id.to_be_bytes();
         let inner = &self.0;
         loop {
@@ -185,7 +185,7 @@ impl SledStore {
             let mut user = before.clone();
             let writes = change(&mut user);
             if user == before {
-                return Ok(Some((user, writes, false)));
+                return Ok(Some((user, writes)));
             }
             if inner
                 .users
@@ -200,7 +200,7 @@ impl SledStore {
                     self.carry_key_over(&kept, id, user.key_epoch)?;
                 }
             }
-            return Ok(Some((user, writes, true)));
+            return Ok(Some((user, writes)));
         }
     }
 
@@ -227,7 +227,7 @@ impl SledStore {
         }
     }
 
-    fn apply_writes(&self, user_id: UserId, writes: &Writes) -> Result<bool, StoreError> {
+    fn apply_writes(&self, user_id: UserId, writes: &Writes) -> Result<(), StoreError> {
         if let Some((digest, key)) = &writes.key {
             self.0.keys.insert(digest, encode(key))?;
         }
@@ -236,8 +236,7 @@ impl SledStore {
             index.extend_from_slice(&expires_at.to_be_bytes());
             self.0.temp_tokens.insert(digest, index)?;
         }
-        self.queue_events(&writes.events)?;
-        Ok(writes.key.is_some() || writes.temp_token.is_some() || !writes.events.is_empty())
+        self.queue_events(&writes.events)
     }
 
     fn create_user_now(
@@ -554,7 +553,7 @@ impl Store for SledStore {
     ) -> Result<Option<User>, StoreError> {
         let user = {
             let _writing = self.write_gate().await;
-            let Some((user, writes, _rewritten)) = self.apply_change(id, change)? else {
+            let Some((user, writes)) = self.apply_change(id, change)? else {
                 return Ok(None);
             };
             self.apply_writes(id, &writes)?;
