@@ -50,3 +50,36 @@ async fn a_restore_without_its_sources_confirmation_installs_nothing() {
         assert_eq!(totpd::store::exists(&dir.path().join("data")), confirm);
     }
 }
+
+/// A backup written by totpd 0.1 carries no id counter: importing its users moves the
+/// counter past them, so a user created afterwards replaces no one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_imported_without_a_counter_are_never_overwritten() {
+    use totpd::domain::audit::{AuditEvent, EventKind};
+    use totpd::domain::user::User;
+    use totpd::store::codec::encode;
+    let TestStore { store, keep: _keep } = sled_store().await;
+    let bob = User::new(41, "bob".into(), "$argon2id$hash".into(), 5);
+    let record = totpd::store::BackupRecord {
+        kind: "users".into(),
+        key: bob.id.to_be_bytes().to_vec(),
+        value: encode(&bob),
+    };
+    store.import(record).await.expect("import");
+    let event = AuditEvent {
+        time: 6,
+        kind: EventKind::UserCreated,
+        user_id: None,
+        username: None,
+        ip: None,
+        outcome: "ok".into(),
+    };
+    let carol = store
+        .create_user("carol", "$argon2id$other", 6, event)
+        .await
+        .expect("store")
+        .user()
+        .expect("a new name");
+    assert!(carol.id > bob.id, "{} after {}", carol.id, bob.id);
+    assert_eq!(store.user(bob.id).await.expect("store"), Some(bob));
+}
