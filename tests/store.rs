@@ -83,3 +83,79 @@ async fn users_imported_without_a_counter_are_never_overwritten() {
     assert!(carol.id > bob.id, "{} after {}", carol.id, bob.id);
     assert_eq!(store.user(bob.id).await.expect("store"), Some(bob));
 }
+
+/// While an export holds writers back (a consistent backup), a writer waits without taking its
+/// worker thread: on a one-worker runtime a read spawned after it is still answered, and the
+/// writer goes on once the export is done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn writers_waiting_behind_a_backup_leave_the_workers_to_readers() {
+    use totpd::domain::audit::{AuditEvent, EventKind};
+    let TestStore { store, keep: _keep } = sled_store().await;
+    let event = || AuditEvent {
+        time: 1,
+        kind: EventKind::UserCreated,
+        user_id: None,
+        username: None,
+        ip: None,
+        outcome: "ok".into(),
+    };
+    let mut ids = Vec::new();
+    for i in 0..4 {
+        let user = store
+            .create_user(&format!("u{i}"), "h", 1, event())
+            .await
+            .expect("store")
+            .user()
+            .expect("new");
+        ids.push(user.id);
+    }
+    // The export fills its one-slot channel and then waits, holding the writers back.
+    let (sink, mut records) = tokio::sync::mpsc::channel(1);
+    let exporting = {
+        let store = Arc::clone(&store);
+        tokio::spawn(async move { store.export(sink).await })
+    };
+    let first = records.recv().await.expect("the export started");
+    let writer = {
+        let store = Arc::clone(&store);
+        let id = ids[0];
+        tokio::spawn(async move {
+            let mut change = |user: &mut totpd::domain::user::User| {
+                user.last_login = Some(9);
+                totpd::store::Writes::default()
+            };
+            store.update_user(id, &mut change).await.expect("store")
+        })
+    };
+    tokio::task::yield_now().await;
+    let (answered, answer) = std::sync::mpsc::channel();
+    {
+        let store = Arc::clone(&store);
+        let id = ids[1];
+        tokio::spawn(async move {
+            let _ = answered.send(store.user(id).await.expect("store"));
+        });
+    }
+    // Waited for on this thread, not on the runtime: a worker blocked by the writer would
+    // stall the runtime's own timers too.
+    let read = answer
+        .recv_timeout(std::time::Duration::from_secs(20))
+        .expect("a read is answered while a writer waits");
+    assert!(read.is_some());
+    let mut received = vec![first];
+    while let Some(record) = records.recv().await {
+        received.push(record);
+    }
+    let exported = exporting.await.expect("task").expect("export");
+    assert_eq!(exported, received.len() as u64);
+    // The snapshot was taken before the waiting write landed: no user in it has it.
+    let users: Vec<totpd::domain::user::User> = received
+        .iter()
+        .filter(|r| r.kind == "users")
+        .map(|r| totpd::store::codec::decode(&r.value).expect("a user record"))
+        .collect();
+    assert_eq!(users.len(), 4);
+    assert!(users.iter().all(|u| u.last_login.is_none()));
+    let written = writer.await.expect("task").expect("user");
+    assert_eq!(written.last_login, Some(9));
+}
