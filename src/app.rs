@@ -18,6 +18,7 @@ use crate::http::{self, SharedState, State};
 use crate::limits::Buckets;
 use crate::metrics::Metrics;
 use crate::service::password::PasswordHasher;
+use crate::service::sealing::Keyring;
 use crate::service::{Policy, Service, sealing};
 use crate::store::{self, StoreConfig};
 
@@ -36,10 +37,28 @@ pub fn store_config(config: &Config) -> StoreConfig {
     config.store_config()
 }
 
-/// The service of a configuration, on an open store (the CLI's offline commands use it too).
+/// The service of a configuration, on an open store (the CLI's offline commands use it too),
+/// with the keyring the configuration names for that store.
 pub async fn build_service(
     config: &Config,
     store: Arc<dyn store::Store>,
+    hash_threads: usize,
+    metrics: Arc<Metrics>,
+) -> Result<Service, String> {
+    let (keyring, _) = sealing::establish(
+        config.master_key.as_deref(),
+        &config.master_key_path(),
+        store.as_ref(),
+    )
+    .await?;
+    service_with(config, store, keyring, hash_threads, metrics).await
+}
+
+/// The service of a configuration with a given keyring (a key rotation brings its own).
+async fn service_with(
+    config: &Config,
+    store: Arc<dyn store::Store>,
+    keyring: Keyring,
     hash_threads: usize,
     metrics: Arc<Metrics>,
 ) -> Result<Service, String> {
@@ -48,12 +67,6 @@ pub async fn build_service(
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| format!("invalid argon2 settings: {e}"))?;
-    let (keyring, _) = sealing::establish(
-        config.master_key.as_deref(),
-        &config.master_key_path(),
-        store.as_ref(),
-    )
-    .await?;
     let policy = Policy {
         issuer: config.issuer.clone(),
         allow_registration: config.allow_registration,
@@ -232,7 +245,7 @@ pub async fn open_offline(config: &Config) -> Result<Arc<Service>, Option<String
 /// rerun finishes). With `TOTPD_MASTER_KEY`: re-seals under its last key, so rotation is
 /// `old,new` then `new`. Returns the lines to print.
 pub async fn rotate_master_key(config: &Config) -> Result<String, String> {
-    use crate::service::sealing::{KeySource, Keyring, MasterKey, key_id_hex};
+    use crate::service::sealing::{KeySource, MasterKey, key_id_hex};
     let store_config = store_config(config);
     let store = match store::open(&store_config).await {
         Err(store::OpenError::Locked(path)) => {
@@ -262,9 +275,7 @@ pub async fn rotate_master_key(config: &Config) -> Result<String, String> {
     let current = ring.current().clone();
     let several = ring.keys().len() > 1;
     let metrics = Arc::new(Metrics::new(std::iter::empty()));
-    let service = build_service(config, Arc::clone(&store), 1, metrics)
-        .await?
-        .with_keyring(ring);
+    let service = service_with(config, Arc::clone(&store), ring, 1, metrics).await?;
     let changed = service
         .reseal_secrets()
         .await

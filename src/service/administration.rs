@@ -222,12 +222,6 @@ impl Service {
 }
 
 impl Service {
-    /// The same service with another keyring (rotating the master key).
-    pub fn with_keyring(mut self, keyring: super::sealing::Keyring) -> Self {
-        self.keyring = keyring;
-        self
-    }
-
     /// Records which master key seals this store (after a rotation).
     pub async fn write_key_check(&self) -> Result<(), String> {
         super::sealing::write_check(&self.keyring, self.store.as_ref()).await
