@@ -95,3 +95,89 @@ async fn an_unreachable_database_is_reported_without_its_password() {
     assert!(!message.contains("hunter2"), "{message}");
     assert!(message.contains("totpd:***@127.0.0.1:1"), "{message}");
 }
+
+/// A change whose request goes away mid-transaction (its future dropped while it waits for
+/// the user's row, as when a client disconnects) must not leave its pooled connection inside
+/// the transaction: that connection would take the row lock when it came and keep it, and
+/// every later change of the user, on any instance, would wait for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_change_abandoned_mid_transaction_leaves_no_lock_behind() {
+    use std::future::Future;
+    use std::time::Duration;
+    use totpd::domain::audit::{AuditEvent, EventKind};
+    use totpd::store::Writes;
+
+    let Some(url) = test_database_url() else {
+        return;
+    };
+    let schema = TestSchema::create(&url).await;
+    let abandoning = open(&schema.store_config(1)).await.expect("opens");
+    let other = open(&schema.store_config(1)).await.expect("opens");
+    let event = AuditEvent {
+        time: 1_800_000_000,
+        kind: EventKind::UserCreated,
+        user_id: None,
+        username: None,
+        ip: None,
+        outcome: "ok".into(),
+    };
+    let user = abandoning
+        .create_user("alice", "$argon2id$hash", 1_800_000_000, event)
+        .await
+        .expect("store")
+        .user()
+        .expect("new");
+
+    // Someone else holds the row, so the change waits inside its transaction.
+    let (holder, connection) = tokio_postgres::connect(&schema.url, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(connection);
+    holder
+        .batch_execute(&format!(
+            "BEGIN; SELECT 1 FROM users WHERE id = {} FOR UPDATE",
+            user.id
+        ))
+        .await
+        .expect("lock");
+    let mut change = |u: &mut totpd::domain::user::User| {
+        u.last_login = Some(1);
+        Writes::default()
+    };
+    let mut pending = Box::pin(abandoning.update_user(user.id, &mut change));
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(300);
+    while tokio::time::Instant::now() < deadline {
+        let polled =
+            std::future::poll_fn(|cx| std::task::Poll::Ready(pending.as_mut().poll(cx).is_ready()))
+                .await;
+        assert!(!polled, "the change cannot finish while the row is held");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    drop(pending);
+    holder.batch_execute("COMMIT").await.expect("unlock");
+
+    // Another instance changes the same user at once.
+    let mut change = |u: &mut totpd::domain::user::User| {
+        u.last_login = Some(2);
+        Writes::default()
+    };
+    let changed = tokio::time::timeout(
+        Duration::from_secs(10),
+        other.update_user(user.id, &mut change),
+    )
+    .await
+    .expect("the row is not left locked")
+    .expect("store");
+    assert_eq!(changed.and_then(|u| u.last_login), Some(2));
+    // And the abandoning instance's pool still serves (a fresh connection).
+    let read = abandoning
+        .user(user.id)
+        .await
+        .expect("store")
+        .expect("user");
+    assert_eq!(
+        read.last_login,
+        Some(2),
+        "the abandoned change wrote nothing"
+    );
+}

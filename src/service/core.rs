@@ -160,6 +160,24 @@ impl Service {
     pub(super) async fn change<T: Send>(
         &self,
         id: UserId,
+        change: impl FnMut(&mut User) -> (T, Writes) + Send,
+    ) -> Result<Option<T>, Error> {
+        self.change_found(Found::ById(id), change).await
+    }
+
+    /// Applies `change`, as [`Service::change`] does, to the user the temp token `temp` was
+    /// issued to: one store operation finds and changes them (`None` without such a token).
+    pub(super) async fn change_by_temp_token<T: Send>(
+        &self,
+        temp: &Digest,
+        change: impl FnMut(&mut User) -> (T, Writes) + Send,
+    ) -> Result<Option<T>, Error> {
+        self.change_found(Found::ByTempToken(temp), change).await
+    }
+
+    async fn change_found<T: Send>(
+        &self,
+        found: Found<'_>,
         mut change: impl FnMut(&mut User) -> (T, Writes) + Send,
     ) -> Result<Option<T>, Error> {
         let mut result = None;
@@ -168,12 +186,19 @@ impl Service {
             result = Some(value);
             writes
         };
-        let found = self
-            .store
-            .update_user(id, &mut run as &mut UserChange<'_>)
-            .await?;
-        Ok(found.and(result))
+        let run = &mut run as &mut UserChange<'_>;
+        let written = match found {
+            Found::ById(id) => self.store.update_user(id, run).await?,
+            Found::ByTempToken(temp) => self.store.update_user_by_temp_token(temp, run).await?,
+        };
+        Ok(written.and(result))
     }
+}
+
+/// How a change finds its user.
+enum Found<'a> {
+    ById(UserId),
+    ByTempToken(&'a Digest),
 }
 
 /// An audit event. Never given a code, key, token, password or secret; also logged, with the

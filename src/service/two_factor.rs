@@ -149,22 +149,26 @@ impl Service {
     }
 
     /// The code step of a login: a current code (a step later than the last one used) or an
-    /// unused recovery code turns the temp token into a login key.
+    /// unused recovery code turns the temp token into a login key. The token's user is found
+    /// and changed in one store operation, and the code is judged on the record as it is
+    /// changed (so a lock or a time step taken meanwhile by another request counts).
     pub async fn verify_totp(&self, input: TotpVerify, ctx: &Ctx) -> Result<Verified, Error> {
         let temp = secrets::token_digest(&input.temp_token);
-        let found = self.store.user_by_temp_token(&temp).await?;
-        let Some((user, active)) = found
-            .filter(|u| login::temp_token_is_live(u, &temp, ctx.now))
-            .and_then(|u| u.totp.clone().map(|t| (u, t)))
-        else {
-            self.metrics.record_verify(VerifyOutcome::InvalidTempToken);
-            return Err(Error::InvalidTempToken);
-        };
-        let proof = self.any_proof(&user, &active.secret, &input.token, ctx.now)?;
         let (key, key_digest) = secrets::new_login_key()?;
         let policy = &self.policy.lockout;
         let outcome = self
-            .change(user.id, |user| {
+            .change_by_temp_token(&temp, |user| {
+                let live = login::temp_token_is_live(user, &temp, ctx.now);
+                let Some(active) = user.totp.clone().filter(|_| live) else {
+                    return (
+                        Ok(Err(CodeStepRefusal::InvalidTempToken)),
+                        Writes::default(),
+                    );
+                };
+                let proof = match self.any_proof(user, &active.secret, &input.token, ctx.now) {
+                    Ok(proof) => proof,
+                    Err(e) => return (Err(e), Writes::default()),
+                };
                 let outcome =
                     login::pass_code(user, &temp, &proof, &active.secret, policy, ctx.now);
                 let mut writes = Writes::default();
@@ -190,10 +194,10 @@ impl Service {
                     }
                     Err(CodeStepRefusal::InvalidTempToken) => {}
                 }
-                (outcome, writes)
+                (Ok(outcome), writes)
             })
             .await?;
-        match outcome {
+        match outcome.transpose()? {
             Some(Ok(done)) => {
                 self.metrics.record_verify(VerifyOutcome::Ok);
                 Ok(Verified {

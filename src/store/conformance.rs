@@ -148,7 +148,12 @@ async fn race_logins(store: Arc<dyn Store>, id: UserId, attempts: Vec<(Digest, P
                 outcome = Some(login::pass_code(u, &temp, &proof, &secret, &POLICY, NOW));
                 Writes::default()
             };
-            store.update_user(id, &mut change).await.expect("store");
+            // As the code step of a login does: found and changed by the temp token.
+            let found = store
+                .update_user_by_temp_token(&temp, &mut change)
+                .await
+                .expect("store");
+            assert_eq!(found.map(|u| u.id), Some(id), "the token's user");
             outcome.expect("ran")
         });
     }
@@ -248,8 +253,30 @@ where
             .map(|u| u.id),
         Some(user.id)
     );
+    let mut ran = false;
+    let mut change = |_: &mut User| {
+        ran = true;
+        Writes::default()
+    };
+    let unknown = store.update_user_by_temp_token(&[9; 32], &mut change).await;
+    assert_eq!(
+        unknown.expect("store"),
+        None,
+        "an unknown token finds no one"
+    );
+    assert!(!ran, "and changes nothing");
     let attempts = (0..16).map(|i| ([1; 32], Proof::Step(100 + i))).collect();
     assert_eq!(race_logins(Arc::clone(&store), user.id, attempts).await, 1);
+    let after = store.user(user.id).await.expect("store").expect("user");
+    assert!(
+        after.temp_tokens.is_empty(),
+        "the winner consumed the token"
+    );
+    let step = after.totp.map(|t| t.last_step);
+    assert!(
+        matches!(step, Some(100..=115)),
+        "the winner's step: {step:?}"
+    );
 }
 
 pub async fn a_time_step_has_one_winner<F, Fut>(make: F)

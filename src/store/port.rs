@@ -193,6 +193,15 @@ pub trait Store: Send + Sync {
         id: UserId,
         change: &mut UserChange<'_>,
     ) -> Result<Option<User>, StoreError>;
+    /// Applies `change`, as [`Store::update_user`] does, to the user the temp token `digest` is
+    /// indexed to; `None` if it is not indexed or its user is gone. The code step of a login
+    /// finds and changes its user in one operation (on PostgreSQL one transaction, the row
+    /// locked by the lookup itself) instead of a read and then a change.
+    async fn update_user_by_temp_token(
+        &self,
+        digest: &Digest,
+        change: &mut UserChange<'_>,
+    ) -> Result<Option<User>, StoreError>;
     /// Deletes a user (their keys and temp tokens stop resolving and are swept later).
     async fn remove_user(
         &self,

@@ -29,6 +29,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use futures_util::future::{join, join_all};
 use futures_util::{StreamExt, pin_mut};
 use tokio_postgres::config::SslMode;
 use tokio_postgres::types::ToSql;
@@ -329,11 +330,6 @@ pub async fn connect(config: &PostgresConfig) -> Result<tokio_postgres::Client, 
     Ok(client)
 }
 
-/// The users row's columns of a user.
-fn user_columns(user: &User) -> (i64, Vec<u8>) {
-    (int(user.id), encode(user))
-}
-
 impl PostgresStore {
     /// Connects, applies the pending migrations and opens the pool.
     pub async fn open(config: &PostgresConfig) -> Result<Self, OpenError> {
@@ -385,47 +381,61 @@ impl PostgresStore {
         }
     }
 
-    async fn update_user_now(
+    /// Locks the user that `lock` (a `SELECT record … FOR UPDATE` with one parameter) finds,
+    /// runs `change` once on the locked copy, and writes the result back only if something
+    /// changed, with its [`Writes`], in one transaction of two round trips: `BEGIN` with the
+    /// locking read, then every write with the `COMMIT` (tokio-postgres pipelines requests sent
+    /// before their answers are awaited). A second instance changing the same user waits for
+    /// the lock and then sees the first one's result.
+    async fn update_locked(
         &self,
-        id: UserId,
+        lock: &str,
+        param: &(dyn ToSql + Sync),
         change: &mut UserChange<'_>,
     ) -> Result<Option<User>, StoreError> {
-        let mut client = self.client().await?;
-        let tx = client.transaction().await.map_err(backend)?;
-        let Some(before) = Self::read_user(
-            &tx,
-            "SELECT record FROM users WHERE id = $1 FOR UPDATE",
-            &int(id),
+        let tx = OpenTransaction::new(self.client().await?);
+        let client = tx.client();
+        // Prepared (a cache hit after a connection's first time) before anything is pipelined,
+        // so that no `Parse` ever goes out between a write and its `COMMIT`.
+        let lock = client.prepare_cached(lock).await.map_err(backend)?;
+        let statements = WriteStatements::prepare(client).await?;
+        let (begun, row) = join(
+            client.batch_execute("BEGIN"),
+            client.query_opt(&lock, &[param]),
         )
-        .await?
-        else {
+        .await;
+        begun.map_err(backend)?;
+        let Some(row) = row.map_err(backend)? else {
+            tx.roll_back().await?;
             return Ok(None);
         };
+        let before: User = decode(row.get::<_, &[u8]>(0))?;
         let mut user = before.clone();
         let writes = change(&mut user);
         let changed = user != before;
         if !changed && writes_nothing(&writes) {
             // Nothing to write: the lock ends with the transaction, no commit to wait for.
-            tx.rollback().await.map_err(backend)?;
+            tx.roll_back().await?;
             return Ok(Some(user));
         }
-        if changed {
-            let (id, record) = user_columns(&user);
-            let statement = tx
-                .prepare_cached("UPDATE users SET record = $2, totp_active = $3 WHERE id = $1")
-                .await
-                .map_err(backend)?;
-            tx.execute(&statement, &[&id, &record, &user.totp.is_some()])
-                .await
-                .map_err(backend)?;
-            if user.key_epoch > before.key_epoch {
-                if let Some(kept) = &user.kept_key {
-                    carry_key_over(&tx, kept, user.id, user.key_epoch).await?;
-                }
+        if changed && user.key_epoch > before.key_epoch {
+            if let Some(kept) = &user.kept_key {
+                carry_key_over(client, kept, user.id, user.key_epoch).await?;
             }
         }
-        apply_writes(&tx, user.id, &writes).await?;
-        tx.commit().await.map_err(backend)?;
+        let rows = WriteRows::new(&user, changed, &writes);
+        let (written, committed) = join(
+            join_all(rows.pipeline(client, &statements)),
+            client.batch_execute("COMMIT"),
+        )
+        .await;
+        // A failed write makes PostgreSQL turn the `COMMIT` into a rollback: report the
+        // write's error (the guard then closes the connection).
+        for result in written {
+            result.map_err(backend)?;
+        }
+        committed.map_err(backend)?;
+        tx.finish();
         if changed {
             self.0.counts.changed(&before, &user);
         }
@@ -691,9 +701,178 @@ fn writes_nothing(writes: &Writes) -> bool {
     writes.key.is_none() && writes.temp_token.is_none() && writes.events.is_empty()
 }
 
+const UPDATE_USER: &str = "UPDATE users SET record = $2, totp_active = $3 WHERE id = $1";
+const INSERT_KEY: &str = "INSERT INTO login_keys (digest, user_id, created_at, last_used_at, record) \
+     VALUES ($1, $2, $3, $4, $5) ON CONFLICT (digest) DO UPDATE SET \
+     user_id = excluded.user_id, created_at = excluded.created_at, \
+     last_used_at = excluded.last_used_at, record = excluded.record";
+const INSERT_TEMP_TOKEN: &str = "INSERT INTO temp_tokens (digest, user_id, expires_at) \
+     VALUES ($1, $2, $3) ON CONFLICT (digest) DO UPDATE SET user_id = excluded.user_id, \
+     expires_at = excluded.expires_at";
+const INSERT_EVENT: &str = "INSERT INTO audit_events (time, record) VALUES ($1, $2)";
+
+/// A transaction on one pooled connection, begun and committed by hand so that its statements
+/// can be pipelined (tokio-postgres's `Transaction` awaits its `BEGIN` alone). If it is dropped
+/// before [`OpenTransaction::finish`] — an error, or the request's future dropped because its
+/// client went away — the connection is taken out of the pool and closed, so PostgreSQL rolls
+/// the transaction back and no request is ever handed a connection inside an open or aborted
+/// transaction.
+struct OpenTransaction {
+    /// Always `Some` until dropped.
+    client: Option<deadpool_postgres::Object>,
+    finished: bool,
+}
+
+impl OpenTransaction {
+    fn new(client: deadpool_postgres::Object) -> Self {
+        Self {
+            client: Some(client),
+            finished: false,
+        }
+    }
+
+    fn client(&self) -> &deadpool_postgres::Object {
+        self.client
+            .as_ref()
+            .expect("the connection is taken only when the transaction is dropped")
+    }
+
+    /// The transaction ended (committed or rolled back): the connection goes back to the pool.
+    fn finish(mut self) {
+        self.finished = true;
+    }
+
+    async fn roll_back(self) -> Result<(), StoreError> {
+        self.client()
+            .batch_execute("ROLLBACK")
+            .await
+            .map_err(backend)?;
+        self.finish();
+        Ok(())
+    }
+}
+
+impl Drop for OpenTransaction {
+    fn drop(&mut self) {
+        if !self.finished {
+            if let Some(client) = self.client.take() {
+                drop(deadpool_postgres::Object::take(client));
+            }
+        }
+    }
+}
+
+/// The statements a user change may write with, prepared before they are pipelined.
+struct WriteStatements {
+    update_user: tokio_postgres::Statement,
+    insert_key: tokio_postgres::Statement,
+    insert_temp_token: tokio_postgres::Statement,
+    insert_event: tokio_postgres::Statement,
+}
+
+impl WriteStatements {
+    async fn prepare(client: &deadpool_postgres::Object) -> Result<Self, StoreError> {
+        let prepare = |sql| client.prepare_cached(sql);
+        Ok(Self {
+            update_user: prepare(UPDATE_USER).await.map_err(backend)?,
+            insert_key: prepare(INSERT_KEY).await.map_err(backend)?,
+            insert_temp_token: prepare(INSERT_TEMP_TOKEN).await.map_err(backend)?,
+            insert_event: prepare(INSERT_EVENT).await.map_err(backend)?,
+        })
+    }
+}
+
+/// The parameters of a user change's writes, owned here so that the pipelined statements can
+/// borrow them.
+struct WriteRows<'a> {
+    user: Option<(i64, Vec<u8>, bool)>,
+    key: Option<KeyRow<'a>>,
+    temp_token: Option<(&'a [u8], i64)>,
+    user_id: i64,
+    events: Vec<(i64, Vec<u8>)>,
+}
+
+/// A `login_keys` row's parameters.
+struct KeyRow<'a> {
+    digest: &'a [u8],
+    user_id: i64,
+    created_at: i64,
+    last_used_at: i64,
+    record: Vec<u8>,
+}
+
+type Pending<'a> =
+    std::pin::Pin<Box<dyn Future<Output = Result<u64, tokio_postgres::Error>> + Send + 'a>>;
+
+impl<'a> WriteRows<'a> {
+    /// `user` as changed; its record is written only if `changed`.
+    fn new(user: &User, changed: bool, writes: &'a Writes) -> Self {
+        let changed = changed.then_some(user);
+        Self {
+            user: changed.map(|user| (int(user.id), encode(user), user.totp.is_some())),
+            key: writes.key.as_ref().map(|(digest, key)| KeyRow {
+                digest: digest.as_slice(),
+                user_id: int(key.user_id),
+                created_at: int(key.created_at),
+                last_used_at: int(key.last_used_at),
+                record: encode(key),
+            }),
+            temp_token: writes
+                .temp_token
+                .as_ref()
+                .map(|(digest, expires_at)| (digest.as_slice(), int(*expires_at))),
+            user_id: int(user.id),
+            events: writes
+                .events
+                .iter()
+                .map(|event| (int(event.time), encode(event)))
+                .collect(),
+        }
+    }
+
+    /// One statement per row, each sent when first polled (so in this order, when joined).
+    fn pipeline<'s>(
+        &'s self,
+        client: &'s deadpool_postgres::Object,
+        statements: &'s WriteStatements,
+    ) -> Vec<Pending<'s>> {
+        type Param<'p> = &'p (dyn ToSql + Sync);
+        let mut pending: Vec<Pending<'s>> = Vec::new();
+        if let Some((id, record, active)) = &self.user {
+            let params: Vec<Param<'s>> = vec![id, record, active];
+            pending.push(Box::pin(
+                client.execute_raw(&statements.update_user, params),
+            ));
+        }
+        if let Some(key) = &self.key {
+            let params: Vec<Param<'s>> = vec![
+                &key.digest,
+                &key.user_id,
+                &key.created_at,
+                &key.last_used_at,
+                &key.record,
+            ];
+            pending.push(Box::pin(client.execute_raw(&statements.insert_key, params)));
+        }
+        if let Some((digest, expires_at)) = &self.temp_token {
+            let params: Vec<Param<'s>> = vec![digest, &self.user_id, expires_at];
+            pending.push(Box::pin(
+                client.execute_raw(&statements.insert_temp_token, params),
+            ));
+        }
+        for (time, record) in &self.events {
+            let params: Vec<Param<'s>> = vec![time, record];
+            pending.push(Box::pin(
+                client.execute_raw(&statements.insert_event, params),
+            ));
+        }
+        pending
+    }
+}
+
 /// Moves the kept key to the user's new epoch (it is valid meanwhile through `kept_key`).
 async fn carry_key_over(
-    tx: &deadpool_postgres::Transaction<'_>,
+    tx: &impl deadpool_postgres::GenericClient,
     keep: &Digest,
     user_id: UserId,
     epoch: u64,
@@ -729,15 +908,7 @@ async fn insert_key(
     key: &LoginKey,
     record: &[u8],
 ) -> Result<(), StoreError> {
-    let statement = client
-        .prepare_cached(
-            "INSERT INTO login_keys (digest, user_id, created_at, last_used_at, record) \
-             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (digest) DO UPDATE SET \
-             user_id = excluded.user_id, created_at = excluded.created_at, \
-             last_used_at = excluded.last_used_at, record = excluded.record",
-        )
-        .await
-        .map_err(backend)?;
+    let statement = client.prepare_cached(INSERT_KEY).await.map_err(backend)?;
     client
         .execute(
             &statement,
@@ -761,11 +932,7 @@ async fn insert_temp_token(
     expires_at: UnixTime,
 ) -> Result<(), StoreError> {
     let statement = client
-        .prepare_cached(
-            "INSERT INTO temp_tokens (digest, user_id, expires_at) VALUES ($1, $2, $3) \
-             ON CONFLICT (digest) DO UPDATE SET user_id = excluded.user_id, \
-             expires_at = excluded.expires_at",
-        )
+        .prepare_cached(INSERT_TEMP_TOKEN)
         .await
         .map_err(backend)?;
     client
@@ -782,10 +949,7 @@ async fn insert_events(
     if events.is_empty() {
         return Ok(());
     }
-    let statement = client
-        .prepare_cached("INSERT INTO audit_events (time, record) VALUES ($1, $2)")
-        .await
-        .map_err(backend)?;
+    let statement = client.prepare_cached(INSERT_EVENT).await.map_err(backend)?;
     for event in events {
         client
             .execute(&statement, &[&int(event.time), &encode(event)])
@@ -793,20 +957,6 @@ async fn insert_events(
             .map_err(backend)?;
     }
     Ok(())
-}
-
-async fn apply_writes(
-    tx: &deadpool_postgres::Transaction<'_>,
-    user_id: UserId,
-    writes: &Writes,
-) -> Result<(), StoreError> {
-    if let Some((digest, key)) = &writes.key {
-        insert_key(tx, digest, key, &encode(key)).await?;
-    }
-    if let Some((digest, expires_at)) = &writes.temp_token {
-        insert_temp_token(tx, digest, user_id, *expires_at).await?;
-    }
-    insert_events(tx, &writes.events).await
 }
 
 /// Writes one backup record; indexes (names, temp tokens) are rebuilt from the users.
@@ -845,12 +995,9 @@ async fn import_into(
         }
         "audit" => {
             let event: AuditEvent = decode(&record.value)?;
-            tx.execute(
-                "INSERT INTO audit_events (time, record) VALUES ($1, $2)",
-                &[&int(event.time), &record.value],
-            )
-            .await
-            .map_err(backend)?;
+            tx.execute(INSERT_EVENT, &[&int(event.time), &record.value])
+                .await
+                .map_err(backend)?;
         }
         "usernames" | "temp_tokens" => {}
         "meta" | "" if record.key == KEY_CHECK_KEY => {
@@ -990,7 +1137,21 @@ impl Store for PostgresStore {
         id: UserId,
         change: &mut UserChange<'_>,
     ) -> Result<Option<User>, StoreError> {
-        self.update_user_now(id, change)
+        let lock = "SELECT record FROM users WHERE id = $1 FOR UPDATE";
+        self.update_locked(lock, &int(id), change)
+            .await
+            .map_err(|e| self.failed(e))
+    }
+
+    async fn update_user_by_temp_token(
+        &self,
+        digest: &Digest,
+        change: &mut UserChange<'_>,
+    ) -> Result<Option<User>, StoreError> {
+        // Only the user's row is locked: the index row is never written by a change.
+        let lock = "SELECT u.record FROM temp_tokens t JOIN users u ON u.id = t.user_id \
+                    WHERE t.digest = $1 FOR UPDATE OF u";
+        self.update_locked(lock, &digest.as_slice(), change)
             .await
             .map_err(|e| self.failed(e))
     }

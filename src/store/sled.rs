@@ -568,6 +568,18 @@ impl Store for SledStore {
         Ok(Some(user))
     }
 
+    async fn update_user_by_temp_token(
+        &self,
+        digest: &Digest,
+        change: &mut UserChange<'_>,
+    ) -> Result<Option<User>, StoreError> {
+        let Some(index) = self.0.temp_tokens.get(digest)? else {
+            return Ok(None);
+        };
+        let id = user_id_from(&index[..8.min(index.len())])?;
+        self.update_user(id, change).await
+    }
+
     async fn remove_user(
         &self,
         id: UserId,
