@@ -39,6 +39,7 @@ macro_rules! store_conformance_suite {
         $crate::store_conformance_suite!(@each $make, $available;
             users_get_fresh_ids_and_names_stay_unique,
             concurrent_changes_of_one_user_are_all_applied,
+            a_change_writes_its_key_temp_token_and_events_with_it,
             a_temp_token_has_one_winner,
             a_time_step_has_one_winner,
             a_recovery_code_has_one_winner,
@@ -236,6 +237,57 @@ where
     while tasks.join_next().await.is_some() {}
     let user = store.user(user.id).await.expect("store").expect("user");
     assert_eq!(user.failures.consecutive, 64, "no change was lost");
+}
+
+pub async fn a_change_writes_its_key_temp_token_and_events_with_it<F, Fut>(make: F)
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = TestStore>,
+{
+    let TestStore { store, keep: _keep } = make().await;
+    let user = new_user(store.as_ref(), "alice").await;
+    let outcome = |text: &str| AuditEvent {
+        user_id: Some(user.id),
+        outcome: text.into(),
+        ..created(EventKind::Verify)
+    };
+    apply(store.as_ref(), user.id, |u| {
+        u.last_login = Some(NOW);
+        Writes {
+            key: Some(([5; 32], keys::new_key(u, u.key_epoch, NOW))),
+            temp_token: Some(([6; 32], NOW + 300)),
+            events: vec![outcome("first"), outcome("second")],
+        }
+    })
+    .await;
+    let (key, owner) = store
+        .user_by_key(&[5; 32])
+        .await
+        .expect("store")
+        .expect("the key was written");
+    assert_eq!((key.user_id, owner.id), (user.id, user.id));
+    assert_eq!(owner.last_login, Some(NOW), "with the user's change");
+    let indexed = store.user_by_temp_token(&[6; 32]).await.expect("store");
+    assert_eq!(
+        indexed.map(|u| u.id),
+        Some(user.id),
+        "the temp token indexed"
+    );
+    // Events only, the user unchanged: still written.
+    apply(store.as_ref(), user.id, |_| Writes {
+        events: vec![outcome("third")],
+        ..Writes::default()
+    })
+    .await;
+    let written: Vec<String> = store
+        .events(0)
+        .await
+        .expect("store")
+        .into_iter()
+        .filter(|e| e.kind == EventKind::Verify)
+        .map(|e| e.outcome)
+        .collect();
+    assert_eq!(written, ["first", "second", "third"], "in order");
 }
 
 pub async fn a_temp_token_has_one_winner<F, Fut>(make: F)

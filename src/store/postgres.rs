@@ -1,12 +1,13 @@
 //! The shared backend: PostgreSQL, so several totpd instances serve one user base.
 //!
-//! Every operation is one transaction, and `synchronous_commit` is forced on for our sessions,
-//! so a method returns only once PostgreSQL's commit made its writes durable (the sled group
-//! commit is not used). [`Store::update_user`] locks the user's row (`SELECT … FOR UPDATE`), runs
-//! the pure change once on the locked copy, and writes it back only if it changed, with its
-//! [`Writes`] in the same transaction: a second instance changing the same user waits for the
-//! lock and then sees the first one's result, so a temp token, a time step or a recovery code
-//! has exactly one winner across instances.
+//! Every write is one transaction, and `synchronous_commit` is forced on for our sessions, so
+//! a method returns only once PostgreSQL's commit made its writes durable (the sled group
+//! commit is not used). [`Store::update_user`] reads the user's record, runs the pure change
+//! on it, and writes the result with its [`Writes`] in one statement that replaces the record
+//! only if it is still the one read (an optimistic compare-and-swap, as on sled): when a second
+//! instance changed the same user first, the change runs again on its result, so a temp
+//! token, a time step or a recovery code has exactly one winner across instances. One read
+//! and one write, two round trips, and no lock held between them.
 //!
 //! Records are the codec's bytes (see [`codec`](super::codec)): one format for sled, PostgreSQL
 //! and the backup file, so an export of either store restores into the other. Columns beside
@@ -29,7 +30,6 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
-use futures_util::future::{join, join_all};
 use futures_util::{StreamExt, pin_mut};
 use tokio_postgres::config::SslMode;
 use tokio_postgres::types::ToSql;
@@ -381,65 +381,56 @@ impl PostgresStore {
         }
     }
 
-    /// Locks the user that `lock` (a `SELECT record … FOR UPDATE` with one parameter) finds,
-    /// runs `change` once on the locked copy, and writes the result back only if something
-    /// changed, with its [`Writes`], in one transaction of two round trips: `BEGIN` with the
-    /// locking read, then every write with the `COMMIT` (tokio-postgres pipelines requests sent
-    /// before their answers are awaited). A second instance changing the same user waits for
-    /// the lock and then sees the first one's result.
-    async fn update_locked(
+    /// Reads the user that `find` (a `SELECT record` with one parameter) finds, runs `change`
+    /// on it, and writes the result with its [`Writes`] in one statement, only if the user's
+    /// record is still the one read (a compare-and-swap on the record); if another change came
+    /// first, runs again on its result. One read and one write, each one round trip, and
+    /// the write is one transaction (a statement is atomic): no lock is held between them, so
+    /// no client that goes away mid-request can leave a row locked. Two instances changing one
+    /// user are serialized by the row's update: the second one's compare fails once the first
+    /// committed, and it runs again on the new record (so a temp token, a time step or a
+    /// recovery code has exactly one winner across instances).
+    async fn update_found(
         &self,
-        lock: &str,
+        find: &str,
         param: &(dyn ToSql + Sync),
         change: &mut UserChange<'_>,
     ) -> Result<Option<User>, StoreError> {
-        let tx = OpenTransaction::new(self.client().await?);
-        let client = tx.client();
-        // Prepared (a cache hit after a connection's first time) before anything is pipelined,
-        // so that no `Parse` ever goes out between a write and its `COMMIT`.
-        let lock = client.prepare_cached(lock).await.map_err(backend)?;
-        let statements = WriteStatements::prepare(client).await?;
-        let (begun, row) = join(
-            client.batch_execute("BEGIN"),
-            client.query_opt(&lock, &[param]),
-        )
-        .await;
-        begun.map_err(backend)?;
-        let Some(row) = row.map_err(backend)? else {
-            tx.roll_back().await?;
-            return Ok(None);
-        };
-        let before: User = decode(row.get::<_, &[u8]>(0))?;
-        let mut user = before.clone();
-        let writes = change(&mut user);
-        let changed = user != before;
-        if !changed && writes_nothing(&writes) {
-            // Nothing to write: the lock ends with the transaction, no commit to wait for.
-            tx.roll_back().await?;
+        let client = self.client().await?;
+        let find = client.prepare_cached(find).await.map_err(backend)?;
+        let write = client.prepare_cached(WRITE_CHANGE).await.map_err(backend)?;
+        loop {
+            let Some(row) = client.query_opt(&find, &[param]).await.map_err(backend)? else {
+                return Ok(None);
+            };
+            let read: &[u8] = row.get(0);
+            let before: User = decode(read)?;
+            let mut user = before.clone();
+            let writes = change(&mut user);
+            let changed = user != before;
+            if !changed && writes_nothing(&writes) {
+                // Nothing to write; what was read was committed, so it is durable.
+                return Ok(Some(user));
+            }
+            let rows = ChangeRow::new(&user, read, &writes);
+            let written: i64 = client
+                .query_one(&write, &rows.params())
+                .await
+                .map_err(backend)?
+                .get(0);
+            if written == 0 {
+                continue;
+            }
+            if changed {
+                self.0.counts.changed(&before, &user);
+                if user.key_epoch > before.key_epoch {
+                    if let Some(kept) = &user.kept_key {
+                        carry_key_over(&**client, kept, user.id, user.key_epoch).await?;
+                    }
+                }
+            }
             return Ok(Some(user));
         }
-        if changed && user.key_epoch > before.key_epoch {
-            if let Some(kept) = &user.kept_key {
-                carry_key_over(client, kept, user.id, user.key_epoch).await?;
-            }
-        }
-        let rows = WriteRows::new(&user, changed, &writes);
-        let (written, committed) = join(
-            join_all(rows.pipeline(client, &statements)),
-            client.batch_execute("COMMIT"),
-        )
-        .await;
-        // A failed write makes PostgreSQL turn the `COMMIT` into a rollback: report the
-        // write's error (the guard then closes the connection).
-        for result in written {
-            result.map_err(backend)?;
-        }
-        committed.map_err(backend)?;
-        tx.finish();
-        if changed {
-            self.0.counts.changed(&before, &user);
-        }
-        Ok(Some(user))
     }
 
     async fn create_user_now(
@@ -701,7 +692,6 @@ fn writes_nothing(writes: &Writes) -> bool {
     writes.key.is_none() && writes.temp_token.is_none() && writes.events.is_empty()
 }
 
-const UPDATE_USER: &str = "UPDATE users SET record = $2, totp_active = $3 WHERE id = $1";
 const INSERT_KEY: &str = "INSERT INTO login_keys (digest, user_id, created_at, last_used_at, record) \
      VALUES ($1, $2, $3, $4, $5) ON CONFLICT (digest) DO UPDATE SET \
      user_id = excluded.user_id, created_at = excluded.created_at, \
@@ -711,195 +701,125 @@ const INSERT_TEMP_TOKEN: &str = "INSERT INTO temp_tokens (digest, user_id, expir
      expires_at = excluded.expires_at";
 const INSERT_EVENT: &str = "INSERT INTO audit_events (time, record) VALUES ($1, $2)";
 
-/// A transaction on one pooled connection, begun and committed by hand so that its statements
-/// can be pipelined (tokio-postgres's `Transaction` awaits its `BEGIN` alone). If it is dropped
-/// before [`OpenTransaction::finish`] — an error, or the request's future dropped because its
-/// client went away — the connection is taken out of the pool and closed, so PostgreSQL rolls
-/// the transaction back and no request is ever handed a connection inside an open or aborted
-/// transaction.
-struct OpenTransaction {
-    /// Always `Some` until dropped.
-    client: Option<deadpool_postgres::Object>,
-    finished: bool,
-}
+/// A user change and its writes as one statement: the record is replaced only if it is still
+/// the one the change read ($2), and the key, the temp token and the events are inserted only
+/// if it was (they join the `changed` row). Returns how many users it changed (0 or 1).
+const WRITE_CHANGE: &str = "WITH changed AS ( \
+         UPDATE users SET record = $3, totp_active = $4 WHERE id = $1 AND record = $2 \
+         RETURNING id), \
+     new_key AS ( \
+         INSERT INTO login_keys (digest, user_id, created_at, last_used_at, record) \
+         SELECT $5, $6, $7, $8, $9 FROM changed WHERE $5::bytea IS NOT NULL \
+         ON CONFLICT (digest) DO UPDATE SET user_id = excluded.user_id, \
+         created_at = excluded.created_at, last_used_at = excluded.last_used_at, \
+         record = excluded.record), \
+     new_temp_token AS ( \
+         INSERT INTO temp_tokens (digest, user_id, expires_at) \
+         SELECT $10, id, $11 FROM changed WHERE $10::bytea IS NOT NULL \
+         ON CONFLICT (digest) DO UPDATE SET user_id = excluded.user_id, \
+         expires_at = excluded.expires_at), \
+     new_events AS ( \
+         INSERT INTO audit_events (time, record) \
+         SELECT e.time, e.record FROM unnest($12::bigint[], $13::bytea[]) AS e(time, record), \
+         changed) \
+     SELECT count(*) FROM changed";
 
-impl OpenTransaction {
-    fn new(client: deadpool_postgres::Object) -> Self {
-        Self {
-            client: Some(client),
-            finished: false,
-        }
-    }
-
-    fn client(&self) -> &deadpool_postgres::Object {
-        self.client
-            .as_ref()
-            .expect("the connection is taken only when the transaction is dropped")
-    }
-
-    /// The transaction ended (committed or rolled back): the connection goes back to the pool.
-    fn finish(mut self) {
-        self.finished = true;
-    }
-
-    async fn roll_back(self) -> Result<(), StoreError> {
-        self.client()
-            .batch_execute("ROLLBACK")
-            .await
-            .map_err(backend)?;
-        self.finish();
-        Ok(())
-    }
-}
-
-impl Drop for OpenTransaction {
-    fn drop(&mut self) {
-        if !self.finished {
-            if let Some(client) = self.client.take() {
-                drop(deadpool_postgres::Object::take(client));
-            }
-        }
-    }
-}
-
-/// The statements a user change may write with, prepared before they are pipelined.
-struct WriteStatements {
-    update_user: tokio_postgres::Statement,
-    insert_key: tokio_postgres::Statement,
-    insert_temp_token: tokio_postgres::Statement,
-    insert_event: tokio_postgres::Statement,
-}
-
-impl WriteStatements {
-    async fn prepare(client: &deadpool_postgres::Object) -> Result<Self, StoreError> {
-        let prepare = |sql| client.prepare_cached(sql);
-        Ok(Self {
-            update_user: prepare(UPDATE_USER).await.map_err(backend)?,
-            insert_key: prepare(INSERT_KEY).await.map_err(backend)?,
-            insert_temp_token: prepare(INSERT_TEMP_TOKEN).await.map_err(backend)?,
-            insert_event: prepare(INSERT_EVENT).await.map_err(backend)?,
-        })
-    }
-}
-
-/// The parameters of a user change's writes, owned here so that the pipelined statements can
-/// borrow them.
-struct WriteRows<'a> {
-    user: Option<(i64, Vec<u8>, bool)>,
-    key: Option<KeyRow<'a>>,
-    temp_token: Option<(&'a [u8], i64)>,
-    user_id: i64,
-    events: Vec<(i64, Vec<u8>)>,
-}
-
-/// A `login_keys` row's parameters.
-struct KeyRow<'a> {
-    digest: &'a [u8],
-    user_id: i64,
-    created_at: i64,
-    last_used_at: i64,
+/// The parameters of [`WRITE_CHANGE`], owned here for the statement to borrow.
+struct ChangeRow<'a> {
+    id: i64,
+    read: &'a [u8],
     record: Vec<u8>,
+    totp_active: bool,
+    key_digest: Option<&'a [u8]>,
+    key_user_id: Option<i64>,
+    key_created_at: Option<i64>,
+    key_last_used_at: Option<i64>,
+    key_record: Option<Vec<u8>>,
+    temp_token_digest: Option<&'a [u8]>,
+    temp_token_expires_at: Option<i64>,
+    event_times: Vec<i64>,
+    event_records: Vec<Vec<u8>>,
 }
 
-type Pending<'a> =
-    std::pin::Pin<Box<dyn Future<Output = Result<u64, tokio_postgres::Error>> + Send + 'a>>;
-
-impl<'a> WriteRows<'a> {
-    /// `user` as changed; its record is written only if `changed`.
-    fn new(user: &User, changed: bool, writes: &'a Writes) -> Self {
-        let changed = changed.then_some(user);
+impl<'a> ChangeRow<'a> {
+    /// `user` as changed (written even if unchanged: the compare still checks that the record
+    /// the change decided on is current), `read` the record it was read as.
+    fn new(user: &User, read: &'a [u8], writes: &'a Writes) -> Self {
+        let key = writes.key.as_ref();
+        let temp_token = writes.temp_token.as_ref();
         Self {
-            user: changed.map(|user| (int(user.id), encode(user), user.totp.is_some())),
-            key: writes.key.as_ref().map(|(digest, key)| KeyRow {
-                digest: digest.as_slice(),
-                user_id: int(key.user_id),
-                created_at: int(key.created_at),
-                last_used_at: int(key.last_used_at),
-                record: encode(key),
-            }),
-            temp_token: writes
-                .temp_token
-                .as_ref()
-                .map(|(digest, expires_at)| (digest.as_slice(), int(*expires_at))),
-            user_id: int(user.id),
-            events: writes
-                .events
-                .iter()
-                .map(|event| (int(event.time), encode(event)))
-                .collect(),
+            id: int(user.id),
+            read,
+            record: encode(user),
+            totp_active: user.totp.is_some(),
+            key_digest: key.map(|(digest, _)| digest.as_slice()),
+            key_user_id: key.map(|(_, key)| int(key.user_id)),
+            key_created_at: key.map(|(_, key)| int(key.created_at)),
+            key_last_used_at: key.map(|(_, key)| int(key.last_used_at)),
+            key_record: key.map(|(_, key)| encode(key)),
+            temp_token_digest: temp_token.map(|(digest, _)| digest.as_slice()),
+            temp_token_expires_at: temp_token.map(|(_, expires_at)| int(*expires_at)),
+            event_times: writes.events.iter().map(|e| int(e.time)).collect(),
+            event_records: writes.events.iter().map(encode).collect(),
         }
     }
 
-    /// One statement per row, each sent when first polled (so in this order, when joined).
-    fn pipeline<'s>(
-        &'s self,
-        client: &'s deadpool_postgres::Object,
-        statements: &'s WriteStatements,
-    ) -> Vec<Pending<'s>> {
-        type Param<'p> = &'p (dyn ToSql + Sync);
-        let mut pending: Vec<Pending<'s>> = Vec::new();
-        if let Some((id, record, active)) = &self.user {
-            let params: Vec<Param<'s>> = vec![id, record, active];
-            pending.push(Box::pin(
-                client.execute_raw(&statements.update_user, params),
-            ));
-        }
-        if let Some(key) = &self.key {
-            let params: Vec<Param<'s>> = vec![
-                &key.digest,
-                &key.user_id,
-                &key.created_at,
-                &key.last_used_at,
-                &key.record,
-            ];
-            pending.push(Box::pin(client.execute_raw(&statements.insert_key, params)));
-        }
-        if let Some((digest, expires_at)) = &self.temp_token {
-            let params: Vec<Param<'s>> = vec![digest, &self.user_id, expires_at];
-            pending.push(Box::pin(
-                client.execute_raw(&statements.insert_temp_token, params),
-            ));
-        }
-        for (time, record) in &self.events {
-            let params: Vec<Param<'s>> = vec![time, record];
-            pending.push(Box::pin(
-                client.execute_raw(&statements.insert_event, params),
-            ));
-        }
-        pending
+    fn params(&self) -> [&(dyn ToSql + Sync); 13] {
+        [
+            &self.id,
+            &self.read,
+            &self.record,
+            &self.totp_active,
+            &self.key_digest,
+            &self.key_user_id,
+            &self.key_created_at,
+            &self.key_last_used_at,
+            &self.key_record,
+            &self.temp_token_digest,
+            &self.temp_token_expires_at,
+            &self.event_times,
+            &self.event_records,
+        ]
     }
 }
 
-/// Moves the kept key to the user's new epoch (it is valid meanwhile through `kept_key`).
+/// Moves the kept key to the user's new epoch (it is valid meanwhile through `kept_key`), with
+/// a compare-and-swap on the key's record (a touch may change it meanwhile).
 async fn carry_key_over(
-    tx: &impl deadpool_postgres::GenericClient,
+    client: &tokio_postgres::Client,
     keep: &Digest,
     user_id: UserId,
     epoch: u64,
 ) -> Result<(), StoreError> {
-    let Some(row) = tx
-        .query_opt(
-            "SELECT record FROM login_keys WHERE digest = $1 FOR UPDATE",
-            &[&keep.as_slice()],
-        )
-        .await
-        .map_err(backend)?
-    else {
-        return Ok(());
-    };
-    let mut key: LoginKey = decode(row.get::<_, &[u8]>(0))?;
-    // Only the key valid at the epoch just left moves: never one revoked before it.
-    if key.user_id != user_id || key.epoch + 1 != epoch {
-        return Ok(());
+    loop {
+        let Some(row) = client
+            .query_opt(
+                "SELECT record FROM login_keys WHERE digest = $1",
+                &[&keep.as_slice()],
+            )
+            .await
+            .map_err(backend)?
+        else {
+            return Ok(());
+        };
+        let read: &[u8] = row.get(0);
+        let mut key: LoginKey = decode(read)?;
+        // Only the key valid at the epoch just left moves: never one revoked before it.
+        if key.user_id != user_id || key.epoch + 1 != epoch {
+            return Ok(());
+        }
+        key.epoch = epoch;
+        let swapped = client
+            .execute(
+                "UPDATE login_keys SET record = $3 WHERE digest = $1 AND record = $2",
+                &[&keep.as_slice(), &read, &encode(&key)],
+            )
+            .await
+            .map_err(backend)?;
+        if swapped > 0 {
+            return Ok(());
+        }
     }
-    key.epoch = epoch;
-    tx.execute(
-        "UPDATE login_keys SET record = $2 WHERE digest = $1",
-        &[&keep.as_slice(), &encode(&key)],
-    )
-    .await
-    .map_err(backend)?;
-    Ok(())
 }
 
 async fn insert_key(
@@ -1137,8 +1057,8 @@ impl Store for PostgresStore {
         id: UserId,
         change: &mut UserChange<'_>,
     ) -> Result<Option<User>, StoreError> {
-        let lock = "SELECT record FROM users WHERE id = $1 FOR UPDATE";
-        self.update_locked(lock, &int(id), change)
+        let find = "SELECT record FROM users WHERE id = $1";
+        self.update_found(find, &int(id), change)
             .await
             .map_err(|e| self.failed(e))
     }
@@ -1148,10 +1068,9 @@ impl Store for PostgresStore {
         digest: &Digest,
         change: &mut UserChange<'_>,
     ) -> Result<Option<User>, StoreError> {
-        // Only the user's row is locked: the index row is never written by a change.
-        let lock = "SELECT u.record FROM temp_tokens t JOIN users u ON u.id = t.user_id \
-                    WHERE t.digest = $1 FOR UPDATE OF u";
-        self.update_locked(lock, &digest.as_slice(), change)
+        let find = "SELECT u.record FROM temp_tokens t JOIN users u ON u.id = t.user_id \
+                    WHERE t.digest = $1";
+        self.update_found(find, &digest.as_slice(), change)
             .await
             .map_err(|e| self.failed(e))
     }
