@@ -425,7 +425,7 @@ impl PostgresStore {
                 self.0.counts.changed(&before, &user);
                 if user.key_epoch > before.key_epoch {
                     if let Some(kept) = &user.kept_key {
-                        carry_key_over(&**client, kept, user.id, user.key_epoch).await?;
+                        carry_key_over(&client, kept, user.id, user.key_epoch).await?;
                     }
                 }
             }
