@@ -181,3 +181,126 @@ async fn a_change_abandoned_mid_transaction_leaves_no_lock_behind() {
         "the abandoned change wrote nothing"
     );
 }
+
+/// Concurrent changes of a few users through two instances at once (so through their group
+/// commits, batches of many users each, which overlap): every change is written exactly once,
+/// with its own key and event, and no batch fails (two batches locking the same users in
+/// different orders would deadlock, and PostgreSQL would abort one of them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn overlapping_batches_of_two_instances_write_every_change_once() {
+    use totpd::domain::audit::{AuditEvent, EventKind};
+    use totpd::domain::keys;
+    use totpd::domain::user::User;
+    use totpd::store::Writes;
+
+    let Some(url) = test_database_url() else {
+        return;
+    };
+    let schema = TestSchema::create(&url).await;
+    let instances = [
+        open(&schema.store_config(8)).await.expect("opens"),
+        open(&schema.store_config(8)).await.expect("opens"),
+    ];
+    let event = |kind, user_id, outcome: &str| AuditEvent {
+        time: 1_800_000_000,
+        kind,
+        user_id,
+        username: None,
+        ip: None,
+        outcome: outcome.into(),
+    };
+    let mut ids = Vec::new();
+    for i in 0..8 {
+        let created = instances[0]
+            .create_user(
+                &format!("user{i}"),
+                "$argon2id$hash",
+                1_800_000_000,
+                event(EventKind::UserCreated, None, "ok"),
+            )
+            .await
+            .expect("store")
+            .user()
+            .expect("new");
+        ids.push(created.id);
+    }
+    // A table of realistic size, so that the planner reaches users through the index, in
+    // the order of each batch, rather than through one scan in the table's order.
+    let (filler, connection) = tokio_postgres::connect(&schema.url, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(connection);
+    filler
+        .batch_execute(&format!(
+            "INSERT INTO users SELECT 1000000 + g, 'filler' || g, false, record \
+             FROM users, generate_series(1, 20000) g WHERE id = {}; ANALYZE users",
+            ids[0]
+        ))
+        .await
+        .expect("filler users");
+    const CHANGES: u32 = 600;
+    let mut tasks = tokio::task::JoinSet::new();
+    for n in 0..CHANGES {
+        let store = std::sync::Arc::clone(&instances[n as usize % 2]);
+        // Users in a different order on each instance.
+        let id = if n % 2 == 0 {
+            ids[(n as usize / 2) % ids.len()]
+        } else {
+            ids[ids.len() - 1 - (n as usize / 2) % ids.len()]
+        };
+        tasks.spawn(async move {
+            let mut digest = [0u8; 32];
+            digest[..4].copy_from_slice(&n.to_be_bytes());
+            let mut change = |u: &mut User| {
+                u.failures.consecutive += 1;
+                Writes {
+                    key: Some((digest, keys::new_key(u, u.key_epoch, 1_800_000_000))),
+                    events: vec![event(EventKind::Verify, Some(u.id), &n.to_string())],
+                    ..Writes::default()
+                }
+            };
+            store
+                .update_user(id, &mut change)
+                .await
+                .expect("no batch fails")
+                .expect("the user");
+            (n, id, digest)
+        });
+    }
+    let mut per_user = std::collections::HashMap::<u64, u32>::new();
+    while let Some(done) = tasks.join_next().await {
+        let (n, id, digest) = done.expect("task");
+        *per_user.entry(id).or_default() += 1;
+        let (key, owner) = instances[1]
+            .user_by_key(&digest)
+            .await
+            .expect("store")
+            .unwrap_or_else(|| panic!("change {n}'s key was written"));
+        assert_eq!(
+            (key.user_id, owner.id),
+            (id, id),
+            "change {n}'s key is its user's"
+        );
+    }
+    for id in &ids {
+        let user = instances[0].user(*id).await.expect("store").expect("user");
+        assert_eq!(
+            user.failures.consecutive, per_user[id],
+            "user {id}: every change applied once"
+        );
+    }
+    let outcomes: Vec<String> = instances[0]
+        .events(0)
+        .await
+        .expect("store")
+        .into_iter()
+        .filter(|e| e.kind == EventKind::Verify)
+        .map(|e| e.outcome)
+        .collect();
+    let distinct: std::collections::BTreeSet<&String> = outcomes.iter().collect();
+    assert_eq!(
+        (outcomes.len(), distinct.len()),
+        (CHANGES as usize, CHANGES as usize),
+        "one event per change, none for a change that lost its compare"
+    );
+}

@@ -3,11 +3,11 @@
 //! Every write is one transaction, and `synchronous_commit` is forced on for our sessions, so
 //! a method returns only once PostgreSQL's commit made its writes durable (the sled group
 //! commit is not used). [`Store::update_user`] reads the user's record, runs the pure change
-//! on it, and writes the result with its [`Writes`] in one statement that replaces the record
-//! only if it is still the one read (an optimistic compare-and-swap, as on sled): when a second
-//! instance changed the same user first, the change runs again on its result, so a temp
-//! token, a time step or a recovery code has exactly one winner across instances. One read
-//! and one write, two round trips, and no lock held between them.
+//! on it, and has the result written with its [`Writes`] by a compare-and-swap on the record
+//! (optimistic, as on sled): when a second request or instance changed the same user first,
+//! the change runs again on its result, so a temp token, a time step or a recovery code has
+//! exactly one winner across instances. The changes of concurrent requests are written
+//! together, one statement and one commit per batch ([`batch`]).
 //!
 //! Records are the codec's bytes (see [`codec`](super::codec)): one format for sled, PostgreSQL
 //! and the backup file, so an export of either store restores into the other. Columns beside
@@ -34,6 +34,8 @@ use futures_util::{StreamExt, pin_mut};
 use tokio_postgres::config::SslMode;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{IsolationLevel, NoTls};
+
+mod batch;
 
 use super::codec::{decode, encode};
 use super::counts::UserCounts;
@@ -122,8 +124,10 @@ const VERSION_TABLE: &str = "CREATE TABLE IF NOT EXISTS schema_version (\
 struct Inner {
     pool: Pool,
     counts: UserCounts,
-    /// Requests that found no connection within the pool wait.
-    timeouts: AtomicU64,
+    /// The group commit of user changes.
+    batcher: batch::Batcher,
+    /// Requests (and batches) that found no connection within the pool wait.
+    timeouts: Arc<AtomicU64>,
     /// Operations that failed in the database or the connection.
     errors: AtomicU64,
 }
@@ -134,8 +138,21 @@ pub struct PostgresStore(Arc<Inner>);
 
 /// A database error as a store error (the text names no password: tokio-postgres does not
 /// put its configuration into errors).
-fn backend(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Backend(e.to_string())
+fn backend(e: tokio_postgres::Error) -> StoreError {
+    StoreError::Backend(describe(&e))
+}
+
+/// An error with its causes: tokio-postgres's own text is only its kind ("db error"), the
+/// server's message is its source.
+fn describe(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(inner) = cause {
+        text.push_str(": ");
+        text.push_str(&inner.to_string());
+        cause = inner.source();
+    }
+    text
 }
 
 /// Unix times and ids as PostgreSQL's `BIGINT`.
@@ -183,7 +200,10 @@ fn redact_pairs(text: &str) -> String {
 }
 
 /// The parsed connection settings, with `synchronous_commit` forced on (durability is the
-/// commit) and the connect timeout bounded.
+/// commit), generic plans for our prepared statements (every one of them looks rows up by a
+/// key, so a plan made once serves every execution; PostgreSQL's default re-plans each of them
+/// for its first five executions per connection, and then keeps re-planning the ones whose
+/// generic plan it estimates dearer), and the connect timeout bounded.
 fn pg_config(config: &PostgresConfig) -> Result<tokio_postgres::Config, OpenError> {
     let mut pg = tokio_postgres::Config::from_str(config.url.expose()).map_err(|e| {
         OpenError::Database(format!(
@@ -191,9 +211,10 @@ fn pg_config(config: &PostgresConfig) -> Result<tokio_postgres::Config, OpenErro
             config.url
         ))
     })?;
+    const OPTIONS: &str = "-c synchronous_commit=on -c plan_cache_mode=force_generic_plan";
     let options = match pg.get_options() {
-        Some(given) => format!("{given} -c synchronous_commit=on"),
-        None => "-c synchronous_commit=on".to_owned(),
+        Some(given) => format!("{given} {OPTIONS}"),
+        None => OPTIONS.to_owned(),
     };
     pg.options(&options);
     if pg.get_connect_timeout().is_none() {
@@ -339,10 +360,13 @@ impl PostgresStore {
             tracing::info!(migration = migration.name, "database schema migrated");
         }
         drop(client);
+        let pool = pool(config)?;
+        let timeouts = Arc::new(AtomicU64::new(0));
         Ok(Self(Arc::new(Inner {
-            pool: pool(config)?,
+            batcher: batch::Batcher::start(pool.clone(), Arc::clone(&timeouts)),
+            pool,
             counts: UserCounts::default(),
-            timeouts: AtomicU64::new(0),
+            timeouts,
             errors: AtomicU64::new(0),
         })))
     }
@@ -382,29 +406,31 @@ impl PostgresStore {
     }
 
     /// Reads the user that `find` (a `SELECT record` with one parameter) finds, runs `change`
-    /// on it, and writes the result with its [`Writes`] in one statement, only if the user's
-    /// record is still the one read (a compare-and-swap on the record); if another change came
-    /// first, runs again on its result. One read and one write, each one round trip, and
-    /// the write is one transaction (a statement is atomic): no lock is held between them, so
-    /// no client that goes away mid-request can leave a row locked. Two instances changing one
-    /// user are serialized by the row's update: the second one's compare fails once the first
-    /// committed, and it runs again on the new record (so a temp token, a time step or a
-    /// recovery code has exactly one winner across instances).
+    /// on it, and has the result written with its [`Writes`] by the group commit (see
+    /// [`batch`]), only if the user's record is still the one read (a compare-and-swap on the
+    /// record); if another change came first, runs again on its result. No lock is held
+    /// between the read and the write, so no client that goes away mid-request can leave a row
+    /// locked. Two instances changing one user are serialized by the row's update: the second
+    /// one's compare fails once the first committed, and it runs again on the new record (so a
+    /// temp token, a time step or a recovery code has exactly one winner across instances).
     async fn update_found(
         &self,
         find: &str,
         param: &(dyn ToSql + Sync),
         change: &mut UserChange<'_>,
     ) -> Result<Option<User>, StoreError> {
-        let client = self.client().await?;
-        let find = client.prepare_cached(find).await.map_err(backend)?;
-        let write = client.prepare_cached(WRITE_CHANGE).await.map_err(backend)?;
         loop {
-            let Some(row) = client.query_opt(&find, &[param]).await.map_err(backend)? else {
-                return Ok(None);
+            // The connection goes back to the pool before the write waits for its batch,
+            // whose writer takes one from the same pool.
+            let read = {
+                let client = self.client().await?;
+                let find = client.prepare_cached(find).await.map_err(backend)?;
+                match client.query_opt(&find, &[param]).await.map_err(backend)? {
+                    Some(row) => row.get::<_, Vec<u8>>(0),
+                    None => return Ok(None),
+                }
             };
-            let read: &[u8] = row.get(0);
-            let before: User = decode(read)?;
+            let before: User = decode(&read)?;
             let mut user = before.clone();
             let writes = change(&mut user);
             let changed = user != before;
@@ -412,19 +438,15 @@ impl PostgresStore {
                 // Nothing to write; what was read was committed, so it is durable.
                 return Ok(Some(user));
             }
-            let rows = ChangeRow::new(&user, read, &writes);
-            let written: i64 = client
-                .query_one(&write, &rows.params())
-                .await
-                .map_err(backend)?
-                .get(0);
-            if written == 0 {
+            let written = batch::Change::new(&user, read, &writes);
+            if !self.0.batcher.write(written).await? {
                 continue;
             }
             if changed {
                 self.0.counts.changed(&before, &user);
                 if user.key_epoch > before.key_epoch {
                     if let Some(kept) = &user.kept_key {
+                        let client = self.client().await?;
                         carry_key_over(&client, kept, user.id, user.key_epoch).await?;
                     }
                 }
@@ -700,88 +722,6 @@ const INSERT_TEMP_TOKEN: &str = "INSERT INTO temp_tokens (digest, user_id, expir
      VALUES ($1, $2, $3) ON CONFLICT (digest) DO UPDATE SET user_id = excluded.user_id, \
      expires_at = excluded.expires_at";
 const INSERT_EVENT: &str = "INSERT INTO audit_events (time, record) VALUES ($1, $2)";
-
-/// A user change and its writes as one statement: the record is replaced only if it is still
-/// the one the change read ($2), and the key, the temp token and the events are inserted only
-/// if it was (they join the `changed` row). Returns how many users it changed (0 or 1).
-const WRITE_CHANGE: &str = "WITH changed AS ( \
-         UPDATE users SET record = $3, totp_active = $4 WHERE id = $1 AND record = $2 \
-         RETURNING id), \
-     new_key AS ( \
-         INSERT INTO login_keys (digest, user_id, created_at, last_used_at, record) \
-         SELECT $5, $6, $7, $8, $9 FROM changed WHERE $5::bytea IS NOT NULL \
-         ON CONFLICT (digest) DO UPDATE SET user_id = excluded.user_id, \
-         created_at = excluded.created_at, last_used_at = excluded.last_used_at, \
-         record = excluded.record), \
-     new_temp_token AS ( \
-         INSERT INTO temp_tokens (digest, user_id, expires_at) \
-         SELECT $10, id, $11 FROM changed WHERE $10::bytea IS NOT NULL \
-         ON CONFLICT (digest) DO UPDATE SET user_id = excluded.user_id, \
-         expires_at = excluded.expires_at), \
-     new_events AS ( \
-         INSERT INTO audit_events (time, record) \
-         SELECT e.time, e.record FROM unnest($12::bigint[], $13::bytea[]) AS e(time, record), \
-         changed) \
-     SELECT count(*) FROM changed";
-
-/// The parameters of [`WRITE_CHANGE`], owned here for the statement to borrow.
-struct ChangeRow<'a> {
-    id: i64,
-    read: &'a [u8],
-    record: Vec<u8>,
-    totp_active: bool,
-    key_digest: Option<&'a [u8]>,
-    key_user_id: Option<i64>,
-    key_created_at: Option<i64>,
-    key_last_used_at: Option<i64>,
-    key_record: Option<Vec<u8>>,
-    temp_token_digest: Option<&'a [u8]>,
-    temp_token_expires_at: Option<i64>,
-    event_times: Vec<i64>,
-    event_records: Vec<Vec<u8>>,
-}
-
-impl<'a> ChangeRow<'a> {
-    /// `user` as changed (written even if unchanged: the compare still checks that the record
-    /// the change decided on is current), `read` the record it was read as.
-    fn new(user: &User, read: &'a [u8], writes: &'a Writes) -> Self {
-        let key = writes.key.as_ref();
-        let temp_token = writes.temp_token.as_ref();
-        Self {
-            id: int(user.id),
-            read,
-            record: encode(user),
-            totp_active: user.totp.is_some(),
-            key_digest: key.map(|(digest, _)| digest.as_slice()),
-            key_user_id: key.map(|(_, key)| int(key.user_id)),
-            key_created_at: key.map(|(_, key)| int(key.created_at)),
-            key_last_used_at: key.map(|(_, key)| int(key.last_used_at)),
-            key_record: key.map(|(_, key)| encode(key)),
-            temp_token_digest: temp_token.map(|(digest, _)| digest.as_slice()),
-            temp_token_expires_at: temp_token.map(|(_, expires_at)| int(*expires_at)),
-            event_times: writes.events.iter().map(|e| int(e.time)).collect(),
-            event_records: writes.events.iter().map(encode).collect(),
-        }
-    }
-
-    fn params(&self) -> [&(dyn ToSql + Sync); 13] {
-        [
-            &self.id,
-            &self.read,
-            &self.record,
-            &self.totp_active,
-            &self.key_digest,
-            &self.key_user_id,
-            &self.key_created_at,
-            &self.key_last_used_at,
-            &self.key_record,
-            &self.temp_token_digest,
-            &self.temp_token_expires_at,
-            &self.event_times,
-            &self.event_records,
-        ]
-    }
-}
 
 /// Moves the kept key to the user's new epoch (it is valid meanwhile through `kept_key`), with
 /// a compare-and-swap on the key's record (a touch may change it meanwhile).
