@@ -155,8 +155,8 @@ impl Plan {
             postgres: MainPlan {
                 per_worker: 64,
                 setup: 0,
-                activate: 12_000 * f,
-                valid_users: 6_000 * f,
+                activate: 20_000 * f,
+                valid_users: 12_000 * f,
                 valid_per_user: 3,
                 recovery_users: 0,
                 wrong_tokens: 0,
