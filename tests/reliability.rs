@@ -320,6 +320,87 @@ fn abandoned_logins_do_not_escape_the_hashing_limit() {
     assert_eq!(health(addr, Duration::from_secs(30)), Ok(200));
 }
 
+/// Password hashing runs on `hash_threads` threads of its own, at a lower scheduling priority
+/// than the threads that answer requests (so logins that saturate them leave verify quick), and
+/// the hashes of logins whose clients hung up while they were queued are never run.
+#[test]
+fn hashing_threads_yield_to_requests_and_skip_abandoned_logins() {
+    const HASH_THREADS: usize = 1;
+    let server = Server::start(&[
+        ("TOTPD_HASH_THREADS", "1"),
+        ("TOTPD_ARGON2_MEMORY_KIB", "8192"),
+        ("TOTPD_ARGON2_ITERATIONS", "2"),
+    ]);
+    let pid = server.child.id();
+    let body = r#"{"username":"nobody","password":"wrong password"}"#;
+    let request = format!(
+        "POST /api/v1/auth/login/ HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let login = || {
+        let mut stream = TcpStream::connect(server.addr).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(60)))
+            .expect("timeout");
+        stream.write_all(request.as_bytes()).expect("write");
+        assert_eq!(status_of(&mut stream), Ok(400), "an unknown user's login");
+    };
+    let started = Instant::now();
+    login();
+    let one_login = started.elapsed();
+
+    // The hashing threads, by name, and their nice values.
+    let hashing: Vec<(String, i64)> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("/proc tasks")
+        .filter_map(|task| {
+            let stat = std::fs::read_to_string(task.ok()?.path().join("stat")).ok()?;
+            let (head, tail) = stat.rsplit_once(')')?;
+            let name = head.split_once('(')?.1.to_owned();
+            let nice = tail.split_whitespace().nth(16)?.parse().ok()?;
+            name.starts_with("totpd-argon2").then_some((name, nice))
+        })
+        .collect();
+    assert_eq!(hashing.len(), HASH_THREADS, "{hashing:?}");
+    assert!(
+        hashing.iter().all(|(_, nice)| *nice == 10),
+        "hashing threads run at nice 10: {hashing:?}"
+    );
+
+    // 20 logins whose clients hang up at once: the first may be hashing already, the others
+    // wait in the queue and are skipped, so they cost about one hash, not twenty.
+    let cpu = || server_cpu_ticks(pid);
+    let before = cpu();
+    for _ in 0..20 {
+        let mut stream = TcpStream::connect(server.addr).expect("connect");
+        stream.write_all(request.as_bytes()).expect("write");
+        drop(stream);
+    }
+    std::thread::sleep((one_login * 25).max(Duration::from_secs(2)));
+    let abandoned = cpu() - before;
+    let before = cpu();
+    for _ in 0..5 {
+        login();
+    }
+    let five = (cpu() - before).max(1);
+    report(&format!(
+        "hashing threads {hashing:?}; 20 abandoned logins used {abandoned} CPU ticks, 5 \
+         answered ones {five}"
+    ));
+    assert!(
+        abandoned * 5 < five * 10,
+        "20 abandoned logins cost {abandoned} ticks, more than 10 answered ones ({five} for 5)"
+    );
+}
+
+/// User plus system CPU time of process `pid`, in clock ticks.
+fn server_cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("/proc stat");
+    let tail = stat.rsplit_once(')').expect("stat").1;
+    let fields: Vec<&str> = tail.split_whitespace().collect();
+    fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime")
+}
+
 /// `totpd backup FILE` on `data_dir`, without a server.
 fn backup(dir: &Path, file: &Path) -> std::process::Output {
     common::totpd(dir, &dir.join("data"))

@@ -1,13 +1,16 @@
 //! Password hashing with Argon2id (PHC strings, a random salt per user), always off the async
-//! executor: each hash runs on tokio's blocking pool behind a semaphore (`hash_threads`, by
-//! default one fewer than the cores), so a flood of logins queues for CPU instead of starving
-//! the threads that answer verify.
+//! executor: each hash runs on one of `hash_threads` threads of the hasher's own (by default
+//! one fewer than the cores), so a flood of logins queues for CPU instead of starving the
+//! threads that answer verify. Those threads run at a lower scheduling priority (nice 10 on
+//! Linux): when a request's work and a hash want the same core, the request goes first, so
+//! the code step of a login stays quick while password checks saturate their threads.
 
-use std::sync::Arc;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
 
 use argon2::password_hash::{PasswordHash, PasswordHasher as _, PasswordVerifier, SaltString};
 use argon2::{Algorithm, Argon2, Params, Version};
-use tokio::sync::Semaphore;
+use tokio::sync::oneshot;
 
 use crate::domain::secrets::{RngError, random_bytes};
 
@@ -57,18 +60,27 @@ impl std::fmt::Display for HashError {
 
 impl std::error::Error for HashError {}
 
-/// Hashes and checks passwords on a bounded number of blocking threads.
+/// The nice value of the hashing threads: below every other thread of the server, but not the
+/// lowest (19), so that logins still get a share of a machine that verifies flood.
+const HASH_THREAD_NICE: i32 = 10;
+
+/// A hash to run, and where its result goes.
+type HashJob = Box<dyn FnOnce() + Send>;
+
+/// Hashes and checks passwords on a fixed number of threads of its own.
 #[derive(Clone)]
 pub struct PasswordHasher {
     argon2: Argon2<'static>,
-    permits: Arc<Semaphore>,
+    /// The queue to the hashing threads, which end when every clone is dropped.
+    jobs: mpsc::Sender<HashJob>,
     /// Checked when the user does not exist, so that case costs the same as a wrong password.
     dummy_hash: Arc<String>,
 }
 
 impl PasswordHasher {
-    /// Builds the hasher. Its dummy hash is built in for the default parameters; for others it
-    /// is computed here (one Argon2 run, on the calling thread).
+    /// Builds the hasher and starts its `threads` threads. Its dummy hash is built in for the
+    /// default parameters; for others it is computed here (one Argon2 run, on the calling
+    /// thread).
     pub fn new(settings: Argon2Settings, threads: usize) -> Result<Self, HashError> {
         let params = Params::new(
             settings.memory_kib,
@@ -85,7 +97,7 @@ impl PasswordHasher {
         });
         Ok(Self {
             argon2,
-            permits: Arc::new(Semaphore::new(threads.max(1))),
+            jobs: start_threads(threads.max(1))?,
             dummy_hash,
         })
     }
@@ -93,7 +105,7 @@ impl PasswordHasher {
     /// A PHC string for `password`, computed on the blocking pool.
     pub async fn hash(&self, password: String) -> Result<String, HashError> {
         let argon2 = self.argon2.clone();
-        self.run_blocking(move || hash_with(&argon2, &password))
+        self.run_hashing(move || hash_with(&argon2, &password))
             .await?
     }
 
@@ -102,7 +114,7 @@ impl PasswordHasher {
     pub async fn verify(&self, password: String, phc: Option<String>) -> Result<bool, HashError> {
         let argon2 = self.argon2.clone();
         let dummy = Arc::clone(&self.dummy_hash);
-        self.run_blocking(move || {
+        self.run_hashing(move || {
             let real = phc.is_some();
             let target = phc.as_deref().unwrap_or(dummy.as_str());
             Ok(verify_with(&argon2, &password, target) && real)
@@ -131,24 +143,60 @@ impl PasswordHasher {
         !same
     }
 
-    async fn run_blocking<T: Send + 'static>(
+    /// Runs `job` on a hashing thread. A job whose request went away (its client hung up)
+    /// while it was queued is skipped, so abandoned logins cost no hash; one already running
+    /// runs to its end, on one of the fixed threads, so abandoned requests never run more
+    /// hashes at once than there are threads.
+    async fn run_hashing<T: Send + 'static>(
         &self,
         job: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, HashError> {
-        // The permit goes into the blocking job: when the request is dropped (its client hung
-        // up), the hash still runs to its end on the blocking pool, and the permit must stay
-        // taken until then, or abandoned requests would start hashes beyond `hash_threads`.
-        let permit = Arc::clone(&self.permits)
-            .acquire_owned()
-            .await
-            .map_err(|_| HashError::Cancelled)?;
-        tokio::task::spawn_blocking(move || {
-            let result = job();
-            drop(permit);
-            result
-        })
-        .await
-        .map_err(|_| HashError::Cancelled)
+        let (done, result) = oneshot::channel();
+        let job: HashJob = Box::new(move || {
+            if !done.is_closed() {
+                let _ = done.send(job());
+            }
+        });
+        self.jobs.send(job).map_err(|_| HashError::Cancelled)?;
+        result.await.map_err(|_| HashError::Cancelled)
+    }
+}
+
+/// Starts `count` hashing threads taking jobs from one queue, at [`HASH_THREAD_NICE`].
+fn start_threads(count: usize) -> Result<mpsc::Sender<HashJob>, HashError> {
+    let (jobs, queue) = mpsc::channel::<HashJob>();
+    let queue = Arc::new(Mutex::new(queue));
+    for i in 0..count {
+        let queue = Arc::clone(&queue);
+        std::thread::Builder::new()
+            .name(format!("totpd-argon2-{i}"))
+            .spawn(move || {
+                lower_priority();
+                loop {
+                    // The lock is held only to take a job, not while it runs.
+                    let next = match queue.lock() {
+                        Ok(queue) => queue.recv(),
+                        Err(_) => return,
+                    };
+                    match next {
+                        Ok(job) => job(),
+                        Err(_) => return,
+                    }
+                }
+            })
+            .map_err(|e| HashError::Argon2(format!("cannot start a hashing thread: {e}")))?;
+    }
+    Ok(jobs)
+}
+
+/// Lowers the calling thread's scheduling priority (on Linux `setpriority` on a thread id
+/// applies to that thread alone; elsewhere it would lower the whole process, so it is left).
+fn lower_priority() {
+    #[cfg(target_os = "linux")]
+    if let Err(e) =
+        rustix::process::setpriority_process(Some(rustix::thread::gettid()), HASH_THREAD_NICE)
+    {
+        tracing::warn!("could not lower the priority of a hashing thread: {e}");
     }
 }
 
