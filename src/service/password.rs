@@ -102,7 +102,7 @@ impl PasswordHasher {
         })
     }
 
-    /// A PHC string for `password`, computed on the blocking pool.
+    /// A PHC string for `password`, computed on a hashing thread.
     pub async fn hash(&self, password: String) -> Result<String, HashError> {
         let argon2 = self.argon2.clone();
         self.run_hashing(move || hash_with(&argon2, &password))
