@@ -304,3 +304,69 @@ async fn overlapping_batches_of_two_instances_write_every_change_once() {
         "one event per change, none for a change that lost its compare"
     );
 }
+
+/// A user's row held by a transaction that does not end (an operator's session, a stuck
+/// client): a change of that user fails within the pool wait (the 503 of the API), instead of
+/// hanging, and works again once the row is free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_row_held_elsewhere_fails_the_change_quickly_instead_of_hanging() {
+    use std::time::{Duration, Instant};
+    use totpd::domain::audit::{AuditEvent, EventKind};
+    use totpd::store::{StoreError, Writes};
+
+    let Some(url) = test_database_url() else {
+        return;
+    };
+    let schema = TestSchema::create(&url).await;
+    // The pool wait of `store_config`: 2 s.
+    let store = open(&schema.store_config(2)).await.expect("opens");
+    let event = AuditEvent {
+        time: 1_800_000_000,
+        kind: EventKind::UserCreated,
+        user_id: None,
+        username: None,
+        ip: None,
+        outcome: "ok".into(),
+    };
+    let user = store
+        .create_user("alice", "$argon2id$hash", 1_800_000_000, event)
+        .await
+        .expect("store")
+        .user()
+        .expect("new");
+    let (holder, connection) = tokio_postgres::connect(&schema.url, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(connection);
+    holder
+        .batch_execute(&format!(
+            "BEGIN; SELECT 1 FROM users WHERE id = {} FOR UPDATE",
+            user.id
+        ))
+        .await
+        .expect("lock");
+    let mut change = |u: &mut totpd::domain::user::User| {
+        u.last_login = Some(1);
+        Writes::default()
+    };
+    let started = Instant::now();
+    let outcome = tokio::time::timeout(
+        Duration::from_secs(10),
+        store.update_user(user.id, &mut change),
+    )
+    .await
+    .expect("no hang");
+    let waited = started.elapsed();
+    assert!(
+        matches!(outcome, Err(StoreError::Backend(ref m)) if m.contains("lock")),
+        "{outcome:?}"
+    );
+    assert!(waited < Duration::from_secs(4), "failed after {waited:?}");
+    holder.batch_execute("COMMIT").await.expect("unlock");
+    let mut change = |u: &mut totpd::domain::user::User| {
+        u.last_login = Some(2);
+        Writes::default()
+    };
+    let changed = store.update_user(user.id, &mut change).await.expect("store");
+    assert_eq!(changed.and_then(|u| u.last_login), Some(2));
+}

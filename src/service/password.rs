@@ -179,7 +179,11 @@ fn start_threads(count: usize) -> Result<mpsc::Sender<HashJob>, HashError> {
                         Err(_) => return,
                     };
                     match next {
-                        Ok(job) => job(),
+                        // A job that panics loses its own result (its request gets an
+                        // error), not the thread.
+                        Ok(job) => {
+                            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
+                        }
                         Err(_) => return,
                     }
                 }

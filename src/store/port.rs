@@ -129,7 +129,9 @@ pub struct Writes {
 }
 
 /// A change of one user: a pure function, re-run on a fresh copy after a conflict. It mutates
-/// the user (written back only if it changed) and says what else to write.
+/// the user and says what else to write (a change that changes nothing and writes nothing
+/// writes nothing; PostgreSQL writes an unchanged record back when there are other writes, as
+/// the compare that makes them atomic with it).
 pub type UserChange<'a> = dyn FnMut(&mut User) -> Writes + Send + 'a;
 
 /// One record of a backup: `kind` is `users`, `keys`, `audit` or `meta` (the names of the
@@ -195,8 +197,8 @@ pub trait Store: Send + Sync {
     ) -> Result<Option<User>, StoreError>;
     /// Applies `change`, as [`Store::update_user`] does, to the user the temp token `digest` is
     /// indexed to; `None` if it is not indexed or its user is gone. The code step of a login
-    /// finds and changes its user in one operation (on PostgreSQL one transaction, the row
-    /// locked by the lookup itself) instead of a read and then a change.
+    /// finds and changes its user in one operation (the user read through the index is the
+    /// one the change's compare-and-swap starts from) instead of a read and then a change.
     async fn update_user_by_temp_token(
         &self,
         digest: &Digest,

@@ -1,8 +1,9 @@
 //! The shared backend: PostgreSQL, so several totpd instances serve one user base.
 //!
-//! Every write is one transaction, and `synchronous_commit` is forced on for our sessions, so
-//! a method returns only once PostgreSQL's commit made its writes durable (the sled group
-//! commit is not used). [`Store::update_user`] reads the user's record, runs the pure change
+//! Every write is one transaction (a user change with everything it writes — key, temp token,
+//! events, the kept key moved to a new epoch — one statement), and `synchronous_commit` is
+//! forced on for our sessions, so a method returns only once PostgreSQL's commit made its
+//! writes durable. [`Store::update_user`] reads the user's record, runs the pure change
 //! on it, and has the result written with its [`Writes`] by a compare-and-swap on the record
 //! (optimistic, as on sled): when a second request or instance changed the same user first,
 //! the change runs again on its result, so a temp token, a time step or a recovery code has
@@ -142,11 +143,20 @@ fn backend(e: tokio_postgres::Error) -> StoreError {
     StoreError::Backend(describe(&e))
 }
 
-/// An error with its causes: tokio-postgres's own text is only its kind ("db error"), the
-/// server's message is its source.
-fn describe(e: &dyn std::error::Error) -> String {
+/// What went wrong, for the log and the metrics: the server's message and SQLSTATE (not its
+/// detail, which may quote row values), or the client error with its causes (tokio-postgres's
+/// own text is only its kind, such as "db error").
+fn describe(e: &tokio_postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        return format!(
+            "{}: {} (SQLSTATE {})",
+            db.severity(),
+            db.message(),
+            db.code().code()
+        );
+    }
     let mut text = e.to_string();
-    let mut cause = e.source();
+    let mut cause = std::error::Error::source(e);
     while let Some(inner) = cause {
         text.push_str(": ");
         text.push_str(&inner.to_string());
@@ -200,10 +210,11 @@ fn redact_pairs(text: &str) -> String {
 }
 
 /// The parsed connection settings, with `synchronous_commit` forced on (durability is the
-/// commit), generic plans for our prepared statements (every one of them looks rows up by a
-/// key, so a plan made once serves every execution; PostgreSQL's default re-plans each of them
-/// for its first five executions per connection, and then keeps re-planning the ones whose
-/// generic plan it estimates dearer), and the connect timeout bounded.
+/// commit), generic plans for our prepared statements (they look rows up by a key or scan a
+/// range of an index, so a plan made once serves every execution; PostgreSQL's default
+/// re-plans each of them for its first five executions per connection, and then keeps
+/// re-planning the ones whose generic plan it estimates dearer), and the connect timeout
+/// bounded.
 fn pg_config(config: &PostgresConfig) -> Result<tokio_postgres::Config, OpenError> {
     let mut pg = tokio_postgres::Config::from_str(config.url.expose()).map_err(|e| {
         OpenError::Database(format!(
@@ -268,7 +279,17 @@ fn tls(
 
 /// A pool on `config`, not yet connected.
 fn pool(config: &PostgresConfig) -> Result<Pool, OpenError> {
-    let pg = pg_config(config)?;
+    let mut pg = pg_config(config)?;
+    // A request that waits for a row lock longer than the pool wait (a transaction left open
+    // by someone else) gets its 503 and rolls back, instead of hanging with every later change
+    // of that user. Not on the migration connection: an instance starting beside another one
+    // waits for its migrations as long as they take.
+    let options = format!(
+        "{} -c lock_timeout={}",
+        pg.get_options().unwrap_or_default(),
+        config.timeout.as_millis().max(1)
+    );
+    pg.options(&options);
     // Fast: a connection whose socket closed is replaced when taken; one that broke silently
     // fails one request (503) and is then dropped.
     let manager_config = ManagerConfig {
@@ -420,16 +441,12 @@ impl PostgresStore {
         change: &mut UserChange<'_>,
     ) -> Result<Option<User>, StoreError> {
         loop {
-            // The connection goes back to the pool before the write waits for its batch,
-            // whose writer takes one from the same pool.
-            let read = {
-                let client = self.client().await?;
-                let find = client.prepare_cached(find).await.map_err(backend)?;
-                match client.query_opt(&find, &[param]).await.map_err(backend)? {
-                    Some(row) => row.get::<_, Vec<u8>>(0),
-                    None => return Ok(None),
-                }
+            let client = self.client().await?;
+            let find = client.prepare_cached(find).await.map_err(backend)?;
+            let Some(row) = client.query_opt(&find, &[param]).await.map_err(backend)? else {
+                return Ok(None);
             };
+            let read: Vec<u8> = row.get(0);
             let before: User = decode(&read)?;
             let mut user = before.clone();
             let writes = change(&mut user);
@@ -438,18 +455,21 @@ impl PostgresStore {
                 // Nothing to write; what was read was committed, so it is durable.
                 return Ok(Some(user));
             }
-            let written = batch::Change::new(&user, read, &writes);
+            let carried = match &user.kept_key {
+                Some(kept) if changed && user.key_epoch > before.key_epoch => {
+                    carried_key(&client, kept, user.id, user.key_epoch).await?
+                }
+                _ => None,
+            };
+            // The connection goes back to the pool before the write waits for its batch,
+            // whose writer takes one from the same pool.
+            drop(client);
+            let written = batch::Change::new(&user, read, &writes, carried);
             if !self.0.batcher.write(written).await? {
                 continue;
             }
             if changed {
                 self.0.counts.changed(&before, &user);
-                if user.key_epoch > before.key_epoch {
-                    if let Some(kept) = &user.kept_key {
-                        let client = self.client().await?;
-                        carry_key_over(&client, kept, user.id, user.key_epoch).await?;
-                    }
-                }
             }
             return Ok(Some(user));
         }
@@ -723,43 +743,33 @@ const INSERT_TEMP_TOKEN: &str = "INSERT INTO temp_tokens (digest, user_id, expir
      expires_at = excluded.expires_at";
 const INSERT_EVENT: &str = "INSERT INTO audit_events (time, record) VALUES ($1, $2)";
 
-/// Moves the kept key to the user's new epoch (it is valid meanwhile through `kept_key`), with
-/// a compare-and-swap on the key's record (a touch may change it meanwhile).
-async fn carry_key_over(
+/// The kept key's record moved to the user's new epoch, to be written with the change that
+/// moves the user there (it is valid meanwhile through `kept_key`); `None` if there is nothing
+/// to move. Written without a compare: a touch of the key meanwhile only loses its newer
+/// `last_used_at`, which makes the idle timeout end sooner.
+async fn carried_key(
     client: &tokio_postgres::Client,
     keep: &Digest,
     user_id: UserId,
     epoch: u64,
-) -> Result<(), StoreError> {
-    loop {
-        let Some(row) = client
-            .query_opt(
-                "SELECT record FROM login_keys WHERE digest = $1",
-                &[&keep.as_slice()],
-            )
-            .await
-            .map_err(backend)?
-        else {
-            return Ok(());
-        };
-        let read: &[u8] = row.get(0);
-        let mut key: LoginKey = decode(read)?;
-        // Only the key valid at the epoch just left moves: never one revoked before it.
-        if key.user_id != user_id || key.epoch + 1 != epoch {
-            return Ok(());
-        }
-        key.epoch = epoch;
-        let swapped = client
-            .execute(
-                "UPDATE login_keys SET record = $3 WHERE digest = $1 AND record = $2",
-                &[&keep.as_slice(), &read, &encode(&key)],
-            )
-            .await
-            .map_err(backend)?;
-        if swapped > 0 {
-            return Ok(());
-        }
+) -> Result<Option<(Digest, Vec<u8>)>, StoreError> {
+    let Some(row) = client
+        .query_opt(
+            "SELECT record FROM login_keys WHERE digest = $1",
+            &[&keep.as_slice()],
+        )
+        .await
+        .map_err(backend)?
+    else {
+        return Ok(None);
+    };
+    let mut key: LoginKey = decode(row.get::<_, &[u8]>(0))?;
+    // Only the key valid at the epoch just left moves: never one revoked before it.
+    if key.user_id != user_id || key.epoch + 1 != epoch {
+        return Ok(None);
     }
+    key.epoch = epoch;
+    Ok(Some((*keep, encode(&key))))
 }
 
 async fn insert_key(

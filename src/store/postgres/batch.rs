@@ -5,14 +5,15 @@
 //! one request at a time that is three row writes, their index entries and a commit for every
 //! request, which on a small machine keeps PostgreSQL at about a third of the rate at which it
 //! commits a one-row `UPDATE`. In a batch each row costs a small part of that. A change still
-//! lands whole or not at all: its key, temp token and events are inserted only if its record
-//! replaced the one it was read as (they join the `changed` rows), and its request is answered
-//! only after the batch committed.
+//! lands whole or not at all: its key, temp token, events and carried-over key are written only
+//! if its record replaced the one it was read as (they join the `changed` rows), in the same
+//! statement, and its request is answered only after the batch committed.
 //!
 //! Each change is a compare-and-swap on the user's record, as when written alone: a change
 //! whose user was changed meanwhile (by this instance or another) is not written, and its
 //! request runs it again on the new record. A batch holds at most one change per user (a
-//! second one is sent back at once to run again: at most one of the two could win), and locks
+//! second one is sent back to run again once the batch is written: at most one of the two could
+//! win, and it then reads the winner's record), and locks
 //! its users' rows in id order before it writes them, so that two batches — of two writers or
 //! of two instances — never wait for each other in a circle.
 
@@ -22,10 +23,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use deadpool_postgres::Pool;
 use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 
 use super::{describe, int};
-use crate::domain::user::User;
+use crate::domain::user::{Digest, User};
 use crate::store::codec::encode;
 use crate::store::port::{StoreError, Writes};
 
@@ -39,7 +41,8 @@ const QUEUE: usize = 4096;
 
 /// The batch statement: `$1`–`$4` the changes (user id, the record it was read as, the record
 /// to write, whether TOTP is on), then the keys, temp tokens and events, each with the id of
-/// the user whose change they belong to. Returns the ids of the users it changed.
+/// the user whose change they belong to, then the kept keys moved to their user's new epoch.
+/// Returns the ids of the users it changed.
 const WRITE_BATCH: &str = "WITH input AS ( \
          SELECT * FROM unnest($1::bigint[], $2::bytea[], $3::bytea[], $4::bool[]) \
          AS i(id, read, record, totp_active)), \
@@ -71,7 +74,12 @@ const WRITE_BATCH: &str = "WITH input AS ( \
          SELECT e.time, e.record \
          FROM unnest($14::bigint[], $15::bigint[], $16::bytea[]) WITH ORDINALITY \
               AS e(owner, time, record, n) \
-         JOIN changed c ON c.id = e.owner ORDER BY e.n) \
+         JOIN changed c ON c.id = e.owner ORDER BY e.n), \
+     carried_keys AS ( \
+         UPDATE login_keys k SET record = m.record \
+         FROM unnest($17::bigint[], $18::bytea[], $19::bytea[]) AS m(owner, digest, record) \
+         JOIN changed c ON c.id = m.owner \
+         WHERE k.digest = m.digest) \
      SELECT id FROM changed";
 
 /// One user change to write: its record replaces `read` only if that is still the user's.
@@ -83,6 +91,8 @@ pub(in crate::store) struct Change {
     key: Option<KeyRow>,
     temp_token: Option<(Vec<u8>, i64)>,
     events: Vec<(i64, Vec<u8>)>,
+    /// The kept key's digest and its record at the user's new epoch.
+    carried: Option<(Digest, Vec<u8>)>,
 }
 
 struct KeyRow {
@@ -95,8 +105,14 @@ struct KeyRow {
 
 impl Change {
     /// `user` as changed (written even if unchanged when there are `writes`: the compare still
-    /// checks that the record the change decided on is current), read as `read`.
-    pub(in crate::store) fn new(user: &User, read: Vec<u8>, writes: &Writes) -> Self {
+    /// checks that the record the change decided on is current), read as `read`; `carried`, the
+    /// kept key moved to the user's new epoch, if the change moved it.
+    pub(in crate::store) fn new(
+        user: &User,
+        read: Vec<u8>,
+        writes: &Writes,
+        carried: Option<(Digest, Vec<u8>)>,
+    ) -> Self {
         Self {
             id: int(user.id),
             read,
@@ -118,6 +134,7 @@ impl Change {
                 .iter()
                 .map(|event| (int(event.time), encode(event)))
                 .collect(),
+            carried,
         }
     }
 }
@@ -184,9 +201,6 @@ async fn write_batch(pool: &Pool, timeouts: &AtomicU64, batch: Vec<Job>) {
     let (jobs, again): (Vec<Job>, Vec<Job>) = batch
         .into_iter()
         .partition(|job| users.insert(job.change.id));
-    for job in again {
-        let _ = job.done.send(Ok(false));
-    }
     let changes: Vec<&Change> = jobs.iter().map(|job| &job.change).collect();
     match write(pool, timeouts, &changes).await {
         Ok(written) => {
@@ -195,10 +209,43 @@ async fn write_batch(pool: &Pool, timeouts: &AtomicU64, batch: Vec<Job>) {
                 let _ = job.done.send(Ok(won));
             }
         }
-        Err(error) => {
+        // PostgreSQL chose this batch as a deadlock's victim, or could not serialize it: it
+        // wrote nothing, and every change runs again.
+        Err(failure) if failure.retry => {
             for job in jobs {
-                let _ = job.done.send(Err(StoreError::Backend(error.clone())));
+                let _ = job.done.send(Ok(false));
             }
+        }
+        Err(failure) => {
+            for job in jobs {
+                let _ = job
+                    .done
+                    .send(Err(StoreError::Backend(failure.message.clone())));
+            }
+        }
+    }
+    // Only now, so that they read the record their user's change in this batch wrote.
+    for job in again {
+        let _ = job.done.send(Ok(false));
+    }
+}
+
+/// Why a batch was not written.
+struct Failure {
+    message: String,
+    /// Nothing was written and running the changes again may succeed.
+    retry: bool,
+}
+
+impl From<tokio_postgres::Error> for Failure {
+    fn from(e: tokio_postgres::Error) -> Self {
+        let retry = matches!(
+            e.code(),
+            Some(&SqlState::T_R_DEADLOCK_DETECTED | &SqlState::T_R_SERIALIZATION_FAILURE)
+        );
+        Failure {
+            message: describe(&e),
+            retry,
         }
     }
 }
@@ -209,17 +256,17 @@ async fn write(
     pool: &Pool,
     timeouts: &AtomicU64,
     changes: &[&Change],
-) -> Result<HashSet<i64>, String> {
+) -> Result<HashSet<i64>, Failure> {
     let client = pool.get().await.map_err(|e| {
         if matches!(e, deadpool_postgres::PoolError::Timeout(_)) {
             timeouts.fetch_add(1, Ordering::Relaxed);
         }
-        format!("no database connection: {e}")
+        Failure {
+            message: format!("no database connection: {e}"),
+            retry: false,
+        }
     })?;
-    let statement = client
-        .prepare_cached(WRITE_BATCH)
-        .await
-        .map_err(|e| describe(&e))?;
+    let statement = client.prepare_cached(WRITE_BATCH).await?;
     let ids: Vec<i64> = changes.iter().map(|c| c.id).collect();
     let reads: Vec<&[u8]> = changes.iter().map(|c| c.read.as_slice()).collect();
     let records: Vec<&[u8]> = changes.iter().map(|c| c.record.as_slice()).collect();
@@ -248,7 +295,14 @@ async fn write(
     let event_owners: Vec<i64> = events.iter().map(|(owner, _)| *owner).collect();
     let event_times: Vec<i64> = events.iter().map(|(_, e)| e.0).collect();
     let event_records: Vec<&[u8]> = events.iter().map(|(_, e)| e.1.as_slice()).collect();
-    let params: [&(dyn ToSql + Sync); 16] = [
+    let carried: Vec<(i64, &(Digest, Vec<u8>))> = changes
+        .iter()
+        .filter_map(|c| c.carried.as_ref().map(|key| (c.id, key)))
+        .collect();
+    let carried_owners: Vec<i64> = carried.iter().map(|(owner, _)| *owner).collect();
+    let carried_digests: Vec<&[u8]> = carried.iter().map(|(_, k)| k.0.as_slice()).collect();
+    let carried_records: Vec<&[u8]> = carried.iter().map(|(_, k)| k.1.as_slice()).collect();
+    let params: [&(dyn ToSql + Sync); 19] = [
         &ids,
         &reads,
         &records,
@@ -265,10 +319,10 @@ async fn write(
         &event_owners,
         &event_times,
         &event_records,
+        &carried_owners,
+        &carried_digests,
+        &carried_records,
     ];
-    let rows = client
-        .query(&statement, &params)
-        .await
-        .map_err(|e| describe(&e))?;
+    let rows = client.query(&statement, &params).await?;
     Ok(rows.iter().map(|row| row.get::<_, i64>(0)).collect())
 }
