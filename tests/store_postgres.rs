@@ -367,6 +367,9 @@ async fn a_row_held_elsewhere_fails_the_change_quickly_instead_of_hanging() {
         u.last_login = Some(2);
         Writes::default()
     };
-    let changed = store.update_user(user.id, &mut change).await.expect("store");
+    let changed = store
+        .update_user(user.id, &mut change)
+        .await
+        .expect("store");
     assert_eq!(changed.and_then(|u| u.last_login), Some(2));
 }
