@@ -165,7 +165,7 @@ impl Application {
         let sweeper = tokio::spawn(sweep_expired(SharedState::clone(&state)));
         // The user counts for /metrics: a full scan, so in the background (start-up stays fast).
         let counting = Arc::clone(&state.service);
-        tokio::spawn(async move {
+        let counting = tokio::spawn(async move {
             if let Err(e) = counting.recount().await {
                 tracing::warn!(error = %e, "counting users failed");
             }
@@ -185,12 +185,19 @@ impl Application {
             shutdown,
         )
         .await;
+        // When this returns, no task of the server holds the store any more, so that the data
+        // dir can be opened again at once (a restart in the same process, as tests and
+        // embedding programs do): the background tasks are ended and awaited, and the first
+        // count, whose scan runs on a blocking thread that cannot be interrupted, is waited for.
         sweeper.abort();
+        let _ = sweeper.await;
         #[cfg(unix)]
         if let Some(admin) = admin {
             admin.abort();
+            let _ = admin.await;
             let _ = std::fs::remove_file(admin::socket_path(&state.config.data_dir));
         }
+        let _ = counting.await;
         tracing::info!("shutting down: flushing the store");
         state
             .service
