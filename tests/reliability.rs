@@ -66,6 +66,21 @@ impl Server {
         read_log(self.dir.path())
     }
 
+    /// The log once it holds a request made now (the server must log at `info`). A writer
+    /// thread writes the lines, in order and a little later: whatever was logged before that
+    /// request (the start-up lines) is in it then.
+    fn log_caught_up(&self) -> String {
+        assert_eq!(health(self.addr, Duration::from_secs(10)), Ok(200));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let log = self.log();
+            if log.contains("healthz") || Instant::now() > deadline {
+                return log;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     fn threads(&self) -> usize {
         threads_of(self.child.id())
     }
@@ -599,16 +614,24 @@ fn the_admin_socket_is_private_and_serves_its_own_user() {
 /// without it there is no such line.
 #[test]
 fn risky_settings_are_logged_at_start_up() {
-    let risky = Server::start(&[("TOTPD_TRUSTED_PROXIES", "10.0.0.1,0.0.0.0/0")]);
-    let log = risky.log();
+    // At `info`, so that the request line of `log_caught_up` is logged.
+    let risky = Server::start(&[
+        ("TOTPD_TRUSTED_PROXIES", "10.0.0.1,0.0.0.0/0"),
+        ("TOTPD_LOG_LEVEL", "info"),
+    ]);
+    let log = risky.log_caught_up();
     let lines: Vec<&str> = log
         .lines()
         .filter(|l| l.contains("WARN") && l.contains("trusted_proxies"))
         .collect();
     assert_eq!(lines.len(), 1, "{log}");
     assert!(lines[0].contains("0.0.0.0/0"), "{}", lines[0]);
-    let safe = Server::start(&[("TOTPD_TRUSTED_PROXIES", "10.0.0.1")]);
-    assert!(!safe.log().contains("trusted_proxies"), "{}", safe.log());
+    let safe = Server::start(&[
+        ("TOTPD_TRUSTED_PROXIES", "10.0.0.1"),
+        ("TOTPD_LOG_LEVEL", "info"),
+    ]);
+    let log = safe.log_caught_up();
+    assert!(!log.contains("trusted_proxies"), "{log}");
 }
 
 /// `totpd check-config` lists every risky setting, one line each, and exits 1; with a safe
