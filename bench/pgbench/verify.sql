@@ -1,0 +1,3 @@
+\set uid random(1, 18000)
+SELECT u.record FROM temp_tokens t JOIN users u ON u.id = t.user_id WHERE t.digest = sha256(int8send(:uid));
+WITH changed AS (UPDATE users SET record = record, totp_active = true WHERE id = :uid RETURNING id), new_key AS (INSERT INTO login_keys (digest, user_id, created_at, last_used_at, record) SELECT sha256(int8send(:uid) || int8send((random()*1e15)::bigint)), id, 1, 1, decode(repeat('ab', 60), 'hex') FROM changed ON CONFLICT (digest) DO NOTHING), new_events AS (INSERT INTO audit_events (time, record) SELECT 1800000000, decode(repeat('cd', 100), 'hex') FROM changed) SELECT count(*) FROM changed;
