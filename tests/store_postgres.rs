@@ -96,10 +96,10 @@ async fn an_unreachable_database_is_reported_without_its_password() {
     assert!(message.contains("totpd:***@127.0.0.1:1"), "{message}");
 }
 
-/// A change whose request goes away mid-transaction (its future dropped while it waits for
-/// the user's row, as when a client disconnects) must not leave its pooled connection inside
-/// the transaction: that connection would take the row lock when it came and keep it, and
-/// every later change of the user, on any instance, would wait for ever.
+/// A change whose request goes away mid-way (its future dropped while its write waits for the
+/// user's row, as when a client disconnects) must leave no lock behind: a pooled connection
+/// left inside a transaction would take the row lock when it came and keep it, and every later
+/// change of the user, on any instance, would wait for ever.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_change_abandoned_mid_transaction_leaves_no_lock_behind() {
     use std::future::Future;
