@@ -173,8 +173,6 @@ pub trait Store: Send + Sync {
     async fn user_by_name(&self, username: &str) -> Result<Option<User>, StoreError>;
     /// The login key `digest` and its user, if both exist (validity is the domain's question).
     async fn user_by_key(&self, digest: &Digest) -> Result<Option<(LoginKey, User)>, StoreError>;
-    /// The user a temp token was issued to, if the token is indexed.
-    async fn user_by_temp_token(&self, digest: &Digest) -> Result<Option<User>, StoreError>;
     /// Up to `limit` users with ids above `after`, in id order.
     async fn users(&self, after: Option<UserId>, limit: usize) -> Result<Vec<User>, StoreError>;
     /// Audit events from `since` on, oldest first.

@@ -949,18 +949,6 @@ impl Store for PostgresStore {
         found.await.map_err(|e| self.failed(e))
     }
 
-    async fn user_by_temp_token(&self, digest: &Digest) -> Result<Option<User>, StoreError> {
-        let client = self.client().await?;
-        Self::read_user(
-            &client,
-            "SELECT u.record FROM temp_tokens t JOIN users u ON u.id = t.user_id \
-             WHERE t.digest = $1",
-            &digest.as_slice(),
-        )
-        .await
-        .map_err(|e| self.failed(e))
-    }
-
     async fn users(&self, after: Option<UserId>, limit: usize) -> Result<Vec<User>, StoreError> {
         let client = self.client().await?;
         let start = int(after.map_or(0, |id| id.saturating_add(1)));

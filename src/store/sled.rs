@@ -491,13 +491,6 @@ impl Store for SledStore {
         Ok(self.read_user(key.user_id)?.map(|user| (key, user)))
     }
 
-    async fn user_by_temp_token(&self, digest: &Digest) -> Result<Option<User>, StoreError> {
-        let Some(index) = self.0.temp_tokens.get(digest)? else {
-            return Ok(None);
-        };
-        self.read_user(user_id_from(&index[..8.min(index.len())])?)
-    }
-
     async fn users(&self, after: Option<UserId>, limit: usize) -> Result<Vec<User>, StoreError> {
         let start = after.map_or(0, |id| id.saturating_add(1));
         let mut users = Vec::new();
