@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use totpd::store::conformance::TestStore;
+use totpd::store::conformance::{TestStore, new_user};
 use totpd::store::{StoreConfig, open};
 
 async fn sled_store() -> TestStore {
@@ -55,7 +55,6 @@ async fn a_restore_without_its_sources_confirmation_installs_nothing() {
 /// counter past them, so a user created afterwards replaces no one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn users_imported_without_a_counter_are_never_overwritten() {
-    use totpd::domain::audit::{AuditEvent, EventKind};
     use totpd::domain::user::User;
     use totpd::store::codec::encode;
     let TestStore { store, keep: _keep } = sled_store().await;
@@ -66,20 +65,7 @@ async fn users_imported_without_a_counter_are_never_overwritten() {
         value: encode(&bob),
     };
     store.import(record).await.expect("import");
-    let event = AuditEvent {
-        time: 6,
-        kind: EventKind::UserCreated,
-        user_id: None,
-        username: None,
-        ip: None,
-        outcome: "ok".into(),
-    };
-    let carol = store
-        .create_user("carol", "$argon2id$other", 6, event)
-        .await
-        .expect("store")
-        .user()
-        .expect("a new name");
+    let carol = new_user(store.as_ref(), "carol").await;
     assert!(carol.id > bob.id, "{} after {}", carol.id, bob.id);
     assert_eq!(store.user(bob.id).await.expect("store"), Some(bob));
 }
@@ -89,24 +75,10 @@ async fn users_imported_without_a_counter_are_never_overwritten() {
 /// writer goes on once the export is done.
 #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
 async fn writers_waiting_behind_a_backup_leave_the_workers_to_readers() {
-    use totpd::domain::audit::{AuditEvent, EventKind};
     let TestStore { store, keep: _keep } = sled_store().await;
-    let event = || AuditEvent {
-        time: 1,
-        kind: EventKind::UserCreated,
-        user_id: None,
-        username: None,
-        ip: None,
-        outcome: "ok".into(),
-    };
     let mut ids = Vec::new();
     for i in 0..4 {
-        let user = store
-            .create_user(&format!("u{i}"), "h", 1, event())
-            .await
-            .expect("store")
-            .user()
-            .expect("new");
+        let user = new_user(store.as_ref(), &format!("u{i}")).await;
         ids.push(user.id);
     }
     // The export fills its one-slot channel and then waits, holding the writers back.

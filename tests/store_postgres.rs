@@ -7,7 +7,7 @@ mod common;
 use std::sync::Arc;
 
 use common::{TestSchema, test_database_url};
-use totpd::store::conformance::TestStore;
+use totpd::store::conformance::{TestStore, event, new_user, outcomes};
 use totpd::store::{OpenError, StoreConfig, open};
 
 async fn postgres_store() -> TestStore {
@@ -27,6 +27,22 @@ fn available() -> bool {
 }
 
 totpd::store_conformance_suite!(postgres_store, if available);
+
+/// A session of its own that holds user `id`'s row (a transaction left open) until it sends
+/// `COMMIT`.
+async fn hold_row(schema: &TestSchema, id: u64) -> tokio_postgres::Client {
+    let (holder, connection) = tokio_postgres::connect(&schema.url, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(connection);
+    holder
+        .batch_execute(&format!(
+            "BEGIN; SELECT 1 FROM users WHERE id = {id} FOR UPDATE"
+        ))
+        .await
+        .expect("lock");
+    holder
+}
 
 /// Instances starting together migrate once (the advisory lock), and a schema written by a
 /// newer totpd is refused with a message that says what to do.
@@ -104,7 +120,6 @@ async fn an_unreachable_database_is_reported_without_its_password() {
 async fn a_change_abandoned_mid_transaction_leaves_no_lock_behind() {
     use std::future::Future;
     use std::time::Duration;
-    use totpd::domain::audit::{AuditEvent, EventKind};
     use totpd::store::Writes;
 
     let Some(url) = test_database_url() else {
@@ -113,33 +128,10 @@ async fn a_change_abandoned_mid_transaction_leaves_no_lock_behind() {
     let schema = TestSchema::create(&url).await;
     let abandoning = open(&schema.store_config(1)).await.expect("opens");
     let other = open(&schema.store_config(1)).await.expect("opens");
-    let event = AuditEvent {
-        time: 1_800_000_000,
-        kind: EventKind::UserCreated,
-        user_id: None,
-        username: None,
-        ip: None,
-        outcome: "ok".into(),
-    };
-    let user = abandoning
-        .create_user("alice", "$argon2id$hash", 1_800_000_000, event)
-        .await
-        .expect("store")
-        .user()
-        .expect("new");
+    let user = new_user(abandoning.as_ref(), "alice").await;
 
-    // Someone else holds the row, so the change waits inside its transaction.
-    let (holder, connection) = tokio_postgres::connect(&schema.url, tokio_postgres::NoTls)
-        .await
-        .expect("connect");
-    tokio::spawn(connection);
-    holder
-        .batch_execute(&format!(
-            "BEGIN; SELECT 1 FROM users WHERE id = {} FOR UPDATE",
-            user.id
-        ))
-        .await
-        .expect("lock");
+    // Someone else holds the row, so the change's write waits for it.
+    let holder = hold_row(&schema, user.id).await;
     let mut change = |u: &mut totpd::domain::user::User| {
         u.last_login = Some(1);
         Writes::default()
@@ -201,28 +193,13 @@ async fn overlapping_batches_of_two_instances_write_every_change_once() {
         open(&schema.store_config(8)).await.expect("opens"),
         open(&schema.store_config(8)).await.expect("opens"),
     ];
-    let event = |kind, user_id, outcome: &str| AuditEvent {
-        time: 1_800_000_000,
-        kind,
-        user_id,
-        username: None,
-        ip: None,
-        outcome: outcome.into(),
-    };
     let mut ids = Vec::new();
     for i in 0..8 {
-        let created = instances[0]
-            .create_user(
-                &format!("user{i}"),
-                "$argon2id$hash",
-                1_800_000_000,
-                event(EventKind::UserCreated, None, "ok"),
-            )
-            .await
-            .expect("store")
-            .user()
-            .expect("new");
-        ids.push(created.id);
+        ids.push(
+            new_user(instances[0].as_ref(), &format!("user{i}"))
+                .await
+                .id,
+        );
     }
     // A table of realistic size, so that the planner reaches users through the index, in
     // the order of each batch, rather than through one scan in the table's order.
@@ -255,7 +232,11 @@ async fn overlapping_batches_of_two_instances_write_every_change_once() {
                 u.failures.consecutive += 1;
                 Writes {
                     key: Some((digest, keys::new_key(u, u.key_epoch, 1_800_000_000))),
-                    events: vec![event(EventKind::Verify, Some(u.id), &n.to_string())],
+                    events: vec![AuditEvent {
+                        user_id: Some(u.id),
+                        outcome: n.to_string(),
+                        ..event(EventKind::Verify)
+                    }],
                     ..Writes::default()
                 }
             };
@@ -289,14 +270,7 @@ async fn overlapping_batches_of_two_instances_write_every_change_once() {
             "user {id}: every change applied once"
         );
     }
-    let outcomes: Vec<String> = instances[0]
-        .events(0)
-        .await
-        .expect("store")
-        .into_iter()
-        .filter(|e| e.kind == EventKind::Verify)
-        .map(|e| e.outcome)
-        .collect();
+    let outcomes = outcomes(instances[0].as_ref(), EventKind::Verify).await;
     let distinct: std::collections::BTreeSet<&String> = outcomes.iter().collect();
     assert_eq!(
         (outcomes.len(), distinct.len()),
@@ -311,7 +285,6 @@ async fn overlapping_batches_of_two_instances_write_every_change_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_row_held_elsewhere_fails_the_change_quickly_instead_of_hanging() {
     use std::time::{Duration, Instant};
-    use totpd::domain::audit::{AuditEvent, EventKind};
     use totpd::store::{StoreError, Writes};
 
     let Some(url) = test_database_url() else {
@@ -320,31 +293,8 @@ async fn a_row_held_elsewhere_fails_the_change_quickly_instead_of_hanging() {
     let schema = TestSchema::create(&url).await;
     // The pool wait of `store_config`: 2 s.
     let store = open(&schema.store_config(2)).await.expect("opens");
-    let event = AuditEvent {
-        time: 1_800_000_000,
-        kind: EventKind::UserCreated,
-        user_id: None,
-        username: None,
-        ip: None,
-        outcome: "ok".into(),
-    };
-    let user = store
-        .create_user("alice", "$argon2id$hash", 1_800_000_000, event)
-        .await
-        .expect("store")
-        .user()
-        .expect("new");
-    let (holder, connection) = tokio_postgres::connect(&schema.url, tokio_postgres::NoTls)
-        .await
-        .expect("connect");
-    tokio::spawn(connection);
-    holder
-        .batch_execute(&format!(
-            "BEGIN; SELECT 1 FROM users WHERE id = {} FOR UPDATE",
-            user.id
-        ))
-        .await
-        .expect("lock");
+    let user = new_user(store.as_ref(), "alice").await;
+    let holder = hold_row(&schema, user.id).await;
     let mut change = |u: &mut totpd::domain::user::User| {
         u.last_login = Some(1);
         Writes::default()

@@ -68,7 +68,8 @@ const POLICY: LockPolicy = LockPolicy {
     hard_limit: 10_000,
 };
 
-fn created(kind: EventKind) -> AuditEvent {
+/// An audit event of `kind` at the suite's clock, for tests that write one.
+pub fn event(kind: EventKind) -> AuditEvent {
     AuditEvent {
         time: NOW,
         kind,
@@ -79,9 +80,22 @@ fn created(kind: EventKind) -> AuditEvent {
     }
 }
 
-async fn new_user(store: &dyn Store, name: &str) -> User {
+/// The outcomes of the stored audit events of `kind`, oldest first.
+pub async fn outcomes(store: &dyn Store, kind: EventKind) -> Vec<String> {
     store
-        .create_user(name, "$argon2id$hash", NOW, created(EventKind::UserCreated))
+        .events(0)
+        .await
+        .expect("store")
+        .into_iter()
+        .filter(|e| e.kind == kind)
+        .map(|e| e.outcome)
+        .collect()
+}
+
+/// A new user `name` (password hash `$argon2id$hash`), created through the store.
+pub async fn new_user(store: &dyn Store, name: &str) -> User {
+    store
+        .create_user(name, "$argon2id$hash", NOW, event(EventKind::UserCreated))
         .await
         .expect("store")
         .user()
@@ -188,7 +202,7 @@ where
     let bob = new_user(store.as_ref(), "bob").await;
     assert_ne!(alice.id, bob.id);
     let again = store
-        .create_user("alice", "x", NOW, created(EventKind::UserCreated))
+        .create_user("alice", "x", NOW, event(EventKind::UserCreated))
         .await
         .expect("store");
     assert_eq!(again, Created::NameTaken, "a taken name is refused");
@@ -259,7 +273,7 @@ where
     let outcome = |text: &str| AuditEvent {
         user_id: Some(user.id),
         outcome: text.into(),
-        ..created(EventKind::Verify)
+        ..event(EventKind::Verify)
     };
     apply(store.as_ref(), user.id, |u| {
         u.last_login = Some(NOW);
@@ -289,14 +303,7 @@ where
         ..Writes::default()
     })
     .await;
-    let written: Vec<String> = store
-        .events(0)
-        .await
-        .expect("store")
-        .into_iter()
-        .filter(|e| e.kind == EventKind::Verify)
-        .map(|e| e.outcome)
-        .collect();
+    let written = outcomes(store.as_ref(), EventKind::Verify).await;
     assert_eq!(written, ["first", "second", "third"], "in order");
 }
 
@@ -447,7 +454,7 @@ where
         ..Writes::default()
     })
     .await;
-    let mut old = created(EventKind::Login);
+    let mut old = event(EventKind::Login);
     old.time = NOW - 10 * 86_400;
     store.record_events(vec![old]).await.expect("store");
     let life = KeyLifetime {
