@@ -334,18 +334,7 @@ pub async fn run_on(
             tokio::spawn(worker(addr, source, window_start, deadline))
         })
         .collect();
-    let mut outcome = Outcome {
-        requests: 0,
-        seconds: 0.0,
-        latency: histogram(),
-        unexpected: 0,
-        io_errors: 0,
-        exhausted: false,
-        answered: 0,
-        server_cpu_us: None,
-        server_write_bytes: None,
-        samples: Vec::new(),
-    };
+    let mut outcome = empty_outcome();
     let mut last_end = window_start;
     for handle in handles {
         let Ok(r) = handle.await else {
