@@ -159,18 +159,23 @@ impl Service {
         let outcome = self
             .change_by_temp_token(&temp, |user| {
                 let live = login::temp_token_is_live(user, &temp, ctx.now);
-                let Some(active) = user.totp.clone().filter(|_| live) else {
+                // Only the secret is cloned (the user is changed below).
+                let Some(secret) = user
+                    .totp
+                    .as_ref()
+                    .filter(|_| live)
+                    .map(|t| t.secret.clone())
+                else {
                     return (
                         Ok(Err(CodeStepRefusal::InvalidTempToken)),
                         Writes::default(),
                     );
                 };
-                let proof = match self.any_proof(user, &active.secret, &input.token, ctx.now) {
+                let proof = match self.any_proof(user, &secret, &input.token, ctx.now) {
                     Ok(proof) => proof,
                     Err(e) => return (Err(e), Writes::default()),
                 };
-                let outcome =
-                    login::pass_code(user, &temp, &proof, &active.secret, policy, ctx.now);
+                let outcome = login::pass_code(user, &temp, &proof, &secret, policy, ctx.now);
                 let mut writes = Writes::default();
                 match &outcome {
                     Ok(done) => {
