@@ -117,7 +117,7 @@ async fn an_unreachable_database_is_reported_without_its_password() {
 /// left inside a transaction would take the row lock when it came and keep it, and every later
 /// change of the user, on any instance, would wait for ever.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_change_abandoned_mid_transaction_leaves_no_lock_behind() {
+async fn a_change_abandoned_mid_way_leaves_no_lock_behind() {
     use std::future::Future;
     use std::time::Duration;
     use totpd::store::Writes;
