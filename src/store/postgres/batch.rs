@@ -14,15 +14,15 @@
 //! request runs it again on the new record. A batch holds at most one change per user (a
 //! second one is sent back to run again once the batch is written: at most one of the two could
 //! win, and it then reads the winner's record), and locks
-//! its users' rows in id order before it writes them, so that two batches — of two writers or
-//! of two instances — never wait for each other in a circle.
+//! its users' rows in id order before it writes them, so that the batches of two instances
+//! never wait for each other in a circle.
 
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use deadpool_postgres::Pool;
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 
@@ -31,13 +31,9 @@ use crate::domain::user::{Digest, User};
 use crate::store::codec::encode;
 use crate::store::port::{StoreError, Writes};
 
-/// Batches being written at once. One: the next batch fills while one is written. A second
-/// writer only made the batches smaller (each costs a statement and a commit flush): verify on
-/// 2 cores at c=64 went from 0.54× to 0.62× pgbench with one, p99 12.8 → 11.5 ms.
-const WRITERS: usize = 1;
 /// The most changes in one batch (one statement's arrays).
 const MAX_BATCH: usize = 256;
-/// Changes waiting for a writer; a request finding it full waits.
+/// Changes waiting for the writer; a request finding the queue full waits.
 const QUEUE: usize = 4096;
 
 /// The batch statement: `$1`–`$4` the changes (user id, the record it was read as, the record
@@ -145,15 +141,16 @@ struct Job {
     done: oneshot::Sender<Result<bool, StoreError>>,
 }
 
-/// The queue to the batch writers; clones share it. The writers stop when every clone is gone.
+/// The queue to the batch writer; clones share it. The writer stops when every clone is gone.
 #[derive(Clone)]
 pub(in crate::store) struct Batcher {
     jobs: mpsc::Sender<Job>,
 }
 
 impl Batcher {
-    /// Starts the writers (on the current tokio runtime), which take their connections from
-    /// `pool`; a batch that finds none within the pool's wait counts in `timeouts`.
+    /// Starts the writer (a task on the current tokio runtime), which takes its connection for
+    /// each batch from `pool`; a batch that finds none within the pool's wait counts in
+    /// `timeouts`.
     pub(in crate::store) fn start(pool: Pool, timeouts: Arc<AtomicU64>) -> Self {
         let (jobs, queue) = mpsc::channel(QUEUE);
         tokio::spawn(dispatch(pool, timeouts, queue));
@@ -173,14 +170,12 @@ impl Batcher {
     }
 }
 
-/// Takes the changes as they come: the first one waits for the writer to be free, and every
-/// change queued meanwhile joins its batch.
+/// Writes one batch at a time: the changes that arrive while it is written queue up and form
+/// the next. (Two batches in flight only made them smaller, each costing a statement and a
+/// commit flush: verify on 2 cores at c=64 went from 0.54× to 0.62× pgbench with one, p99
+/// 12.8 → 11.5 ms.)
 async fn dispatch(pool: Pool, timeouts: Arc<AtomicU64>, mut queue: mpsc::Receiver<Job>) {
-    let writers = Arc::new(Semaphore::new(WRITERS));
     while let Some(first) = queue.recv().await {
-        let Ok(writer) = Arc::clone(&writers).acquire_owned().await else {
-            break;
-        };
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
             match queue.try_recv() {
@@ -188,11 +183,7 @@ async fn dispatch(pool: Pool, timeouts: Arc<AtomicU64>, mut queue: mpsc::Receive
                 Err(_) => break,
             }
         }
-        let (pool, timeouts) = (pool.clone(), Arc::clone(&timeouts));
-        tokio::spawn(async move {
-            write_batch(&pool, &timeouts, batch).await;
-            drop(writer);
-        });
+        write_batch(&pool, &timeouts, batch).await;
     }
 }
 
