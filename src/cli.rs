@@ -246,22 +246,15 @@ fn read_password(name: &str, from_stdin: bool) -> Result<String, String> {
     }
 }
 
-/// Logs go to stderr through a writer thread (`tracing-appender`'s `non_blocking`): a request
-/// formats its line on the worker but never waits for the write itself (a slow journald or
-/// pipe would otherwise stall the async workers), and lines are written in batches. Nothing is
-/// dropped: when the writer falls 128 000 lines behind, loggers wait (`lossy(false)`). The returned guard flushes the lines
-/// still queued when it is dropped, so the caller keeps it for the life of the process.
-fn init_logging(config: &Config) -> tracing_appender::non_blocking::WorkerGuard {
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(false)
-        .thread_name("totpd-log")
-        // Buffered: the writer thread drains every queued line into the buffer and flushes once
-        // the queue is empty (and at shutdown), one write(2) per batch instead of one per line
-        // (a status profile showed 13 % of the server's CPU in per-line writes).
-        .finish(std::io::BufWriter::with_capacity(
-            64 * 1024,
-            std::io::stderr(),
-        ));
+/// Logs go to stderr through a writer thread (`log_writer`): a request formats its line on the
+/// worker and appends it to a shared buffer, but never waits for the write itself (a slow
+/// journald or pipe would otherwise stall the async workers); the thread writes the lines in
+/// batches. Nothing is dropped: when the output falls far behind, loggers wait. The returned
+/// guard writes the lines still waiting when it is dropped, so the caller keeps it for the life
+/// of the process.
+fn init_logging(config: &Config) -> Result<crate::log_writer::WriterGuard, String> {
+    let (writer, guard) = crate::log_writer::batched(std::io::stderr(), "totpd-log")
+        .map_err(|e| format!("cannot start the log thread: {e}"))?;
     let filter = tracing_subscriber::EnvFilter::try_new(&config.log_level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
@@ -273,12 +266,12 @@ fn init_logging(config: &Config) -> tracing_appender::non_blocking::WorkerGuard 
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .try_init(),
     };
-    guard
+    Ok(guard)
 }
 
 fn serve(config: Config) -> Result<(), String> {
     // Dropped when serve returns, after the runtime: the last lines (shutdown) are written.
-    let _log_guard = init_logging(&config);
+    let _log_guard = init_logging(&config)?;
     runtime()?.block_on(async move {
         let data_dir = config.data_dir.clone();
         let app = Application::build(config, Arc::new(SystemClock)).await?;

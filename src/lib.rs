@@ -12,7 +12,8 @@
 //! - [`store`]: the `Store` trait over domain types and its backends.
 //!
 //! Leaves used across layers: [`clock`] (the only reader of wall time), [`config`], [`error`]
-//! (the API's one error type), [`limits`] (token buckets), [`metrics`].
+//! (the API's one error type), [`limits`] (token buckets), [`log_writer`] (log lines written
+//! in batches), [`metrics`].
 
 pub mod admin;
 pub mod app;
@@ -23,6 +24,7 @@ pub mod domain;
 pub mod error;
 pub mod http;
 pub mod limits;
+pub mod log_writer;
 pub mod metrics;
 pub mod service;
 pub mod store;

@@ -55,6 +55,8 @@ struct RouteStats {
     name: &'static str,
     /// Indexed by status − 100 (every HTTP status is 100 to 599).
     statuses: Vec<AtomicU64>,
+    /// Answers per latency bucket, not cumulative (one atomic add per request instead of one
+    /// per bound above it, on counters both workers write); `render` sums them up.
     buckets: [AtomicU64; BUCKETS.len()],
     count: AtomicU64,
     /// Microseconds.
@@ -112,10 +114,8 @@ impl Metrics {
             counter.fetch_add(1, Ordering::Relaxed);
         }
         let seconds = elapsed.as_secs_f64();
-        for (bucket, bound) in stats.buckets.iter().zip(BUCKETS) {
-            if seconds <= bound {
-                bucket.fetch_add(1, Ordering::Relaxed);
-            }
+        if let Some(bucket) = BUCKETS.iter().position(|&bound| seconds <= bound) {
+            stats.buckets[bucket].fetch_add(1, Ordering::Relaxed);
         }
         stats.count.fetch_add(1, Ordering::Relaxed);
         stats
@@ -166,11 +166,12 @@ impl Metrics {
             .filter(|r| r.count.load(Ordering::Relaxed) > 0)
         {
             let name = route.name;
+            let mut cumulative = 0;
             for (bucket, bound) in route.buckets.iter().zip(BUCKETS) {
+                cumulative += bucket.load(Ordering::Relaxed);
                 let _ = writeln!(
                     out,
-                    "totpd_http_request_duration_seconds_bucket{{route=\"{name}\",le=\"{bound}\"}} {}",
-                    bucket.load(Ordering::Relaxed)
+                    "totpd_http_request_duration_seconds_bucket{{route=\"{name}\",le=\"{bound}\"}} {cumulative}"
                 );
             }
             let count = route.count.load(Ordering::Relaxed);
