@@ -227,7 +227,8 @@ mod tests {
                 .copied()
                 .filter(|l| l.starts_with(&format!("thread {t} ")))
                 .collect();
-            let expected: Vec<String> = (0..5_000).map(|i| format!("thread {t} line {i}")).collect();
+            let expected: Vec<String> =
+                (0..5_000).map(|i| format!("thread {t} line {i}")).collect();
             assert_eq!(mine, expected, "each thread's lines whole and in order");
         }
         let writes = *sink.writes.lock().expect("writes");

@@ -869,16 +869,26 @@ impl Bench<'_> {
                 after_start.current as f64 / report::MIB,
                 after_load.peak as f64 / report::MIB
             );
+            let startup = server.startup;
+            server.stop()?;
+            // The same verifies on sled alone, for users drawn afresh, on the database opened
+            // afresh: how much of the scale point's p99 is sled's.
+            let seeder = Seeder::open(&SeedTarget::Sled(&dir), &self.hash)?;
+            let alone_users = seeder.scale_tokens(users, sample, per_user)?;
+            seeder.finish()?;
+            let cache = totpd::config::Config::default().cache_capacity;
+            let alone = sled_only::scale_verify(&dir, cache, alone_users, c, timing)?;
+            progress(&format!("sled alone, verify c={c}, {users} users"), &alone);
             results.scale.push(ScalePoint {
                 users,
-                startup: server.startup,
+                startup,
                 after_start,
                 after_load,
                 verify,
+                alone,
                 concurrency: c,
                 dir_bytes,
             });
-            server.stop()?;
         }
         results.preparation.push(format!(
             "scale users are enrolled the same way (sealed secret, 10 recovery code hashes) but \

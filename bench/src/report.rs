@@ -81,6 +81,8 @@ pub struct ScalePoint {
     pub after_start: Memory,
     pub after_load: Memory,
     pub verify: Outcome,
+    /// The same verifies' store operations on sled alone (`sled_only::scale_verify`).
+    pub alone: Outcome,
     pub concurrency: usize,
     /// (apparent, allocated) bytes of the data dir.
     pub dir_bytes: (u64, u64),
@@ -377,10 +379,13 @@ pub fn targets(r: &Results) -> Vec<Target> {
         "verify p99 at 1 000 000 users vs 1 000",
         match (small, million) {
             (Some(s), Some(m)) => format!(
-                "{} ms vs {} ms = {}",
+                "{} ms vs {} ms = {} (sled alone: {} ms vs {} ms = {})",
                 ms(m.verify.ms(0.99)),
                 ms(s.verify.ms(0.99)),
-                ratio(scale_ratio)
+                ratio(scale_ratio),
+                ms(m.alone.ms(0.99)),
+                ms(s.alone.ms(0.99)),
+                ratio(m.alone.ms(0.99) / s.alone.ms(0.99))
             ),
             _ => "-".into(),
         },
@@ -619,12 +624,12 @@ pub fn other_tables(r: &Results) -> String {
     let _ = writeln!(
         s,
         "Memory, size and scale (verify with valid codes, each user drawn at random from all):\n\n\
-         | users | start-up to first answer | RSS after start (peak) | verify c | verify req/s | verify p50 ms | verify p99 ms | p99 × 1 000-user p99 | peak RSS after verify | data dir | bytes/user |\n\
-         |--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"
+         | users | start-up to first answer | RSS after start (peak) | verify c | verify req/s | verify p50 ms | verify p99 ms | p99 × 1 000-user p99 | sled alone req/s | sled alone p99 ms | its p99 × 1 000-user | peak RSS after verify | data dir | bytes/user |\n\
+         |--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"
     );
     let _ = writeln!(
         s,
-        "| 0 (idle) | {:.0} ms | {:.1} MiB ({:.1} MiB) | - | - | - | - | - | - | - | - |",
+        "| 0 (idle) | {:.0} ms | {:.1} MiB ({:.1} MiB) | - | - | - | - | - | - | - | - | - | - | - |",
         r.idle_startup.as_secs_f64() * 1e3,
         r.idle.current as f64 / MIB,
         r.idle.peak as f64 / MIB
@@ -632,16 +637,18 @@ pub fn other_tables(r: &Results) -> String {
     if let Some(m) = &r.idle_cheap_argon2 {
         let _ = writeln!(
             s,
-            "| 0 (idle, Argon2 m=64 KiB: diagnostic) | - | {:.1} MiB ({:.1} MiB) | - | - | - | - | - | - | - | - |",
+            "| 0 (idle, Argon2 m=64 KiB: diagnostic) | - | {:.1} MiB ({:.1} MiB) | - | - | - | - | - | - | - | - | - | - | - |",
             m.current as f64 / MIB,
             m.peak as f64 / MIB
         );
     }
-    let small_p99 = r.scale_point(1_000).map_or(f64::NAN, |p| p.verify.ms(0.99));
+    let small = r.scale_point(1_000);
+    let small_p99 = small.map_or(f64::NAN, |p| p.verify.ms(0.99));
+    let small_alone_p99 = small.map_or(f64::NAN, |p| p.alone.ms(0.99));
     for p in &r.scale {
         let _ = writeln!(
             s,
-            "| {} | {:.0} ms | {:.1} MiB ({:.1} MiB) | {} | {} | {} | {} | {} | {:.1} MiB | {:.1} MiB | {:.0} |",
+            "| {} | {:.0} ms | {:.1} MiB ({:.1} MiB) | {} | {} | {} | {} | {} | {} | {} | {} | {:.1} MiB | {:.1} MiB | {:.0} |",
             p.users,
             p.startup.as_secs_f64() * 1e3,
             p.after_start.current as f64 / MIB,
@@ -651,6 +658,9 @@ pub fn other_tables(r: &Results) -> String {
             ms(p.verify.ms(0.5)),
             ms(p.verify.ms(0.99)),
             ratio(p.verify.ms(0.99) / small_p99),
+            rps(p.alone.rps()),
+            ms(p.alone.ms(0.99)),
+            ratio(p.alone.ms(0.99) / small_alone_p99),
             p.after_load.peak as f64 / MIB,
             p.dir_bytes.1 as f64 / MIB,
             p.dir_bytes.1 as f64 / p.users as f64,
@@ -825,6 +835,16 @@ pub fn summary_csv(r: &Results) -> String {
         put(&format!("users_{u}_verify_rps"), p.verify.rps(), "req/s");
         put(&format!("users_{u}_verify_p50"), p.verify.ms(0.5), "ms");
         put(&format!("users_{u}_verify_p99"), p.verify.ms(0.99), "ms");
+        put(
+            &format!("users_{u}_sled_alone_verify_rps"),
+            p.alone.rps(),
+            "req/s",
+        );
+        put(
+            &format!("users_{u}_sled_alone_verify_p99"),
+            p.alone.ms(0.99),
+            "ms",
+        );
         put(
             &format!("users_{u}_verify_errors"),
             p.verify.errors() as f64,

@@ -268,16 +268,58 @@ pub fn run(
     plan: &[(Ops, usize)],
     timing: Timing,
 ) -> Result<Vec<(Ops, usize, Outcome)>, String> {
+    let pools = Ops::ALL
+        .iter()
+        .map(|&ops| (ops, digests(ops, data)))
+        .collect();
+    run_digests(data_dir, cache_capacity, pools, plan, timing)
+}
+
+/// The verifies of a scale point on sled alone: one per temp token of `users` (the server's
+/// scale scenario, its tokens prepared the same way), at `concurrency`, on a freshly opened
+/// database as the server's was, so the cache starts as cold.
+pub fn scale_verify(
+    data_dir: &Path,
+    cache_capacity: u64,
+    users: Vec<seed::ValidUser>,
+    concurrency: usize,
+    timing: Timing,
+) -> Result<Outcome, String> {
+    let digests = users
+        .into_iter()
+        .flat_map(|u| u.tokens)
+        .map(|t| secrets::token_digest(&t))
+        .collect();
+    let plan = [(Ops::VerifyValid, concurrency)];
+    run_digests(
+        data_dir,
+        cache_capacity,
+        vec![(Ops::VerifyValid, digests)],
+        &plan,
+        timing,
+    )?
+    .pop()
+    .map(|(_, _, outcome)| outcome)
+    .ok_or_else(|| "no sled-only outcome".into())
+}
+
+/// Runs `plan` with the digests each kind of request uses up, taken in their given order.
+fn run_digests(
+    data_dir: &Path,
+    cache_capacity: u64,
+    digests: Vec<(Ops, Vec<Digest>)>,
+    plan: &[(Ops, usize)],
+    timing: Timing,
+) -> Result<Vec<(Ops, usize, Outcome)>, String> {
     let db = Arc::new(open(data_dir, cache_capacity)?);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .map_err(|e| e.to_string())?;
     let mut results = Vec::new();
-    let mut pools: Vec<(Ops, seed::Pool<Digest>)> = Ops::ALL
-        .iter()
-        .map(|&ops| {
-            let mut d = digests(ops, data);
+    let mut pools: Vec<(Ops, seed::Pool<Digest>)> = digests
+        .into_iter()
+        .map(|(ops, mut d)| {
             d.reverse();
             (ops, seed::pool(d))
         })
