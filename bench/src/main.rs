@@ -25,7 +25,7 @@ use totpd::service::password::Argon2Settings;
 use crate::load::Timing;
 use crate::report::{CONCURRENCY, Memory, Results, Row, ScalePoint};
 use crate::scenarios::Endpoint;
-use crate::seed::{MainPlan, SeedTarget, Seeder};
+use crate::seed::{MainData, MainPlan, SeedTarget, Seeder};
 use crate::server::{Reference, Server};
 
 #[derive(Debug, Parser)]
@@ -589,7 +589,45 @@ impl Bench<'_> {
         references(results, true);
         reference.stop();
         server.stop()?;
+        if self.wanted(Endpoint::Status) {
+            self.status_ceiling(&dir, &data, results)?;
+        }
         self.sled_only(results)
+    }
+
+    /// Status's ceiling (`bare-warp --status-store`) on the main data dir, now that the server
+    /// has let go of it, at the endpoints' concurrencies.
+    fn status_ceiling(
+        &self,
+        dir: &Path,
+        data: &MainData,
+        results: &mut Results,
+    ) -> Result<(), String> {
+        let log = self.work.join("status-ceiling.log");
+        let stderr = std::fs::File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
+        let ceiling = Reference::start_with(
+            &self.bare,
+            &["--status-store".as_ref(), dir.as_os_str()],
+            stderr.into(),
+        )?;
+        for c in CONCURRENCY {
+            let endpoint = Endpoint::StatusCeiling;
+            let sources = scenarios::sources(endpoint, data, c);
+            let outcome = self.runtime.block_on(load::run(
+                ceiling.addr,
+                sources,
+                self.plan.timing,
+                Some(ceiling.pid()),
+            ));
+            progress(&format!("{} c={c}", endpoint.name()), &outcome);
+            results.rows.push(Row {
+                endpoint,
+                concurrency: c,
+                outcome,
+            });
+        }
+        ceiling.stop();
+        Ok(())
     }
 
     /// The store operations of the durable requests on sled alone (see `sled_only`), at the

@@ -271,6 +271,9 @@ pub fn targets(r: &Results) -> Vec<Target> {
     ] {
         if let Some(o) = at64(e) {
             let share = o.rps() / r.bare_rps(e, 64);
+            let status_ceiling = (e == Endpoint::Status)
+                .then(|| r.row(Endpoint::StatusCeiling, 64))
+                .flatten();
             let ceiling = sled_counterpart(e)
                 .and_then(|ops| r.sled_only(ops, 64))
                 .map_or(String::new(), |s| {
@@ -287,7 +290,17 @@ pub fn targets(r: &Results) -> Vec<Target> {
                     e.name(),
                     if e == Endpoint::Status { "GET" } else { "POST" }
                 ),
-                format!("{} req/s = {}{ceiling}", rps(o.rps()), ratio(share)),
+                format!(
+                    "{} req/s = {}{ceiling}{}",
+                    rps(o.rps()),
+                    ratio(share),
+                    status_ceiling.map_or(String::new(), |c| format!(
+                        "; its ceiling (warp, its two sled reads and its log line, no totpd pipeline): {} req/s = {} of bare warp; the endpoint reaches {} of it",
+                        rps(c.rps()),
+                        ratio(c.rps() / r.bare_rps(e, 64)),
+                        ratio(o.rps() / c.rps())
+                    ))
+                ),
                 goal,
                 Some(share >= min),
             ));

@@ -27,6 +27,9 @@ pub enum Endpoint {
     BareGet,
     /// The external reference's POST, parsing the same body as verify.
     BarePost,
+    /// Status's ceiling: `bare-warp --status-store` on the main data dir (warp, status's two
+    /// sled reads and its log line, nothing of totpd's pipeline), run after the server stopped.
+    StatusCeiling,
 }
 
 impl Endpoint {
@@ -56,6 +59,7 @@ impl Endpoint {
             Endpoint::Logout => "logout",
             Endpoint::BareGet => "bare warp GET",
             Endpoint::BarePost => "bare warp POST",
+            Endpoint::StatusCeiling => "status ceiling",
         }
     }
 
@@ -63,14 +67,18 @@ impl Endpoint {
     pub fn durable(self) -> bool {
         !matches!(
             self,
-            Endpoint::Baseline | Endpoint::Status | Endpoint::BareGet | Endpoint::BarePost
+            Endpoint::Baseline
+                | Endpoint::Status
+                | Endpoint::BareGet
+                | Endpoint::BarePost
+                | Endpoint::StatusCeiling
         )
     }
 
     /// The bare warp route this endpoint is compared with: GET for status, POST for the rest.
     pub fn reference(self) -> Endpoint {
         match self {
-            Endpoint::Status | Endpoint::BareGet => Endpoint::BareGet,
+            Endpoint::Status | Endpoint::BareGet | Endpoint::StatusCeiling => Endpoint::BareGet,
             _ => Endpoint::BarePost,
         }
     }
@@ -88,6 +96,7 @@ impl Endpoint {
             Endpoint::Logout => "POST /api/v1/auth/logout/",
             Endpoint::BareGet => "GET /api/v1/bench/bare/ (bare-warp)",
             Endpoint::BarePost => "POST /api/v1/bench/bare/ (bare-warp)",
+            Endpoint::StatusCeiling => "GET /api/v1/bench/bare/status/ (bare-warp --status-store)",
         }
     }
 }
@@ -149,12 +158,17 @@ fn source(endpoint: Endpoint, data: &MainData, worker: usize) -> Source {
                 ))
             })
         }
-        Endpoint::Status => {
+        Endpoint::Status | Endpoint::StatusCeiling => {
             let key = data.status_keys[worker % data.status_keys.len()].clone();
+            let path = if endpoint == Endpoint::Status {
+                "/api/v1/auth/totp/"
+            } else {
+                "/api/v1/bench/bare/status/"
+            };
             Box::new(move || {
                 Some(Req {
                     method: Method::GET,
-                    path: "/api/v1/auth/totp/",
+                    path,
                     key: Some(key.clone()),
                     body: Default::default(),
                     expect: StatusCode::OK,

@@ -2,6 +2,7 @@
 //! on a data dir of the harness, configured only through `TOTPD_*` variables, stopped with
 //! SIGTERM so it flushes like in production.
 
+use std::ffi::OsStr;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -210,10 +211,16 @@ pub struct Reference {
 
 impl Reference {
     pub fn start(bin: &Path) -> Result<Self, String> {
+        Self::start_with(bin, &[], Stdio::inherit())
+    }
+
+    /// Started with `args`, its stderr (the status ceiling's log) going to `stderr`.
+    pub fn start_with(bin: &Path, args: &[&OsStr], stderr: Stdio) -> Result<Self, String> {
         let mut child = Command::new(bin)
+            .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .map_err(|e| format!("cannot start {}: {e}", bin.display()))?;
         let stdout = child.stdout.take().ok_or("no stdout")?;

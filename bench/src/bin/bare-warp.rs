@@ -9,11 +9,23 @@
 //!   struct and answers a constant (the reference for every POST endpoint).
 //!
 //! It uses warp's own `serve` on a default multi-threaded tokio runtime, as a newcomer would.
+//!
+//! Started as `bare-warp --status-store DIR` on a prepared data dir that no server holds, it
+//! also answers `GET /api/v1/bench/bare/status/` with what the status route cannot do without:
+//! the login key of the `Authorization` header looked up in sled and its user read (both
+//! decoded, as totpd's store does), the answer built from the user, and one log line per
+//! request written as totpd writes it (`tracing`'s formatter on totpd's batched writer, level
+//! info). That is status's ceiling on warp, sled and a log line: what totpd's pipeline adds on
+//! top of it (connection guards, request id, client address, limits, metrics) is the gap.
 
 use std::io::Write;
+use std::time::Instant;
 
 use serde::Deserialize;
-use warp::Filter;
+use totpd::domain::user::{LoginKey, User};
+use totpd::store::codec::decode;
+use warp::http::StatusCode;
+use warp::{Filter, Reply};
 
 /// The body of `POST /api/v1/auth/totp/verify/`.
 #[derive(Deserialize)]
@@ -22,8 +34,87 @@ struct VerifyBody {
     token: String,
 }
 
+/// Status's store: the trees it reads.
+#[derive(Clone)]
+struct StatusStore {
+    keys: sled::Tree,
+    users: sled::Tree,
+}
+
+impl StatusStore {
+    fn open(data_dir: &str) -> StatusStore {
+        let db = sled::Config::new()
+            .path(std::path::Path::new(data_dir).join("db"))
+            .cache_capacity(totpd::config::Config::default().cache_capacity)
+            .open()
+            .expect("open the prepared sled database");
+        StatusStore {
+            keys: db.open_tree("keys").expect("keys tree"),
+            users: db.open_tree("users").expect("users tree"),
+        }
+    }
+
+    /// The user of `authorization`'s key, as status answers it; `None` for a missing key.
+    fn status(&self, authorization: &str) -> Option<serde_json::Value> {
+        let key = authorization.strip_prefix("Token ")?;
+        let digest = totpd::domain::secrets::token_digest(key);
+        let record = self.keys.get(digest).ok()??;
+        let record: LoginKey = decode(&record).ok()?;
+        let user = self.users.get(record.user_id.to_be_bytes()).ok()??;
+        let user: User = decode(&user).ok()?;
+        Some(serde_json::json!({
+            "active": user.totp.is_some(),
+            "pending": user.totp.is_none() && user.pending.is_some(),
+            "recovery_codes_remaining": user.recovery_codes_remaining(),
+        }))
+    }
+}
+
+/// The status ceiling's route, with its log line.
+fn status_route(
+    store: StatusStore,
+) -> impl Filter<Extract = (warp::reply::Response,), Error = warp::Rejection> + Clone {
+    warp::get()
+        .and(warp::path!("api" / "v1" / "bench" / "bare" / "status"))
+        .and(warp::header::<String>("authorization"))
+        .map(move |authorization: String| {
+            let started = Instant::now();
+            let (status, body) = match store.status(&authorization) {
+                Some(body) => (StatusCode::OK, body),
+                None => (
+                    StatusCode::UNAUTHORIZED,
+                    serde_json::json!({"detail": "Invalid token."}),
+                ),
+            };
+            tracing::info!(
+                target: "totpd::http",
+                method = "GET",
+                route = "/api/v1/bench/bare/status/",
+                status = status.as_u16(),
+                latency_us = started.elapsed().as_micros() as u64,
+                "request"
+            );
+            warp::reply::with_status(warp::reply::json(&body), status).into_response()
+        })
+}
+
 #[tokio::main]
 async fn main() {
+    let status_store = match std::env::args().skip(1).collect::<Vec<_>>().as_slice() {
+        [flag, dir] if flag == "--status-store" => Some(StatusStore::open(dir)),
+        _ => None,
+    };
+    // The log line as totpd writes it; kept until main returns, so the last lines are written.
+    let _log = status_store.as_ref().map(|_| {
+        let (writer, guard) =
+            totpd::log_writer::batched(std::io::stderr(), "bare-log").expect("log thread");
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
+            .with_writer(writer)
+            .with_ansi(false)
+            .try_init();
+        guard
+    });
     let get = warp::get()
         .and(warp::path!("api" / "v1" / "bench" / "bare"))
         .map(|| warp::reply::json(&serde_json::json!({"enabled": true, "pending": false})));
@@ -50,9 +141,20 @@ async fn main() {
             term.recv().await;
         }
     };
-    warp::serve(get.or(post))
-        .incoming(listener)
-        .graceful(shutdown)
-        .run()
-        .await;
+    match status_store {
+        None => {
+            warp::serve(get.or(post))
+                .incoming(listener)
+                .graceful(shutdown)
+                .run()
+                .await;
+        }
+        Some(store) => {
+            warp::serve(get.or(post).or(status_route(store)))
+                .incoming(listener)
+                .graceful(shutdown)
+                .run()
+                .await;
+        }
+    }
 }
