@@ -163,9 +163,13 @@ impl Application {
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> Result<(), String> {
         let state = self.state;
         let sweeper = tokio::spawn(sweep_expired(SharedState::clone(&state)));
-        // The user counts for /metrics: a full scan, so in the background (start-up stays fast).
+        // The user counts for /metrics: unless the store kept them from its last clean close,
+        // a full scan, so in the background (start-up stays fast).
         let counting = Arc::clone(&state.service);
         let counting = tokio::spawn(async move {
+            if counting.store_stats().counts.is_some() {
+                return;
+            }
             if let Err(e) = counting.recount().await {
                 tracing::warn!(error = %e, "counting users failed");
             }
@@ -188,7 +192,7 @@ impl Application {
         // When this returns, no task of the server holds the store any more, so that the data
         // dir can be opened again at once (a restart in the same process, as tests and
         // embedding programs do): the background tasks are ended and awaited, and the first
-        // count, whose scan runs on a blocking thread that cannot be interrupted, is waited for.
+        // count, whose scan runs on a thread that cannot be interrupted, is waited for.
         sweeper.abort();
         let _ = sweeper.await;
         #[cfg(unix)]

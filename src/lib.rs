@@ -13,7 +13,7 @@
 //!
 //! Leaves used across layers: [`clock`] (the only reader of wall time), [`config`], [`error`]
 //! (the API's one error type), [`limits`] (token buckets), [`log_writer`] (log lines written
-//! in batches), [`metrics`].
+//! in batches), [`metrics`], [`priority`] (background threads yield to requests).
 
 pub mod admin;
 pub mod app;
@@ -26,6 +26,7 @@ pub mod http;
 pub mod limits;
 pub mod log_writer;
 pub mod metrics;
+pub mod priority;
 pub mod service;
 pub mod store;
 pub mod warnings;

@@ -49,6 +49,72 @@ async fn a_restore_without_its_sources_confirmation_installs_nothing() {
         assert_eq!(restored.is_ok(), confirm, "{restored:?}");
         assert_eq!(totpd::store::exists(&dir.path().join("data")), confirm);
     }
+    let store = open(&config).await.expect("the restored store opens");
+    assert_eq!(
+        store.stats().counts,
+        Some((0, 0)),
+        "a restore counts its users once, so the first start needs no scan"
+    );
+}
+
+/// A clean close keeps the user counts for the next open, which then needs no full scan of the
+/// users; a store that was not closed (a crash), or one that imported users behind the
+/// counts' back, has to count again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counts_kept_by_a_clean_close_serve_the_next_open_only() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = StoreConfig::Sled {
+        data_dir: dir.path().join("data"),
+        cache_capacity: 4 * 1024 * 1024,
+    };
+    let store = open(&config).await.expect("open");
+    assert_eq!(store.stats().counts, None, "nothing counted yet");
+    store.recount().await.expect("count");
+    new_user(store.as_ref(), "alice").await;
+    new_user(store.as_ref(), "bob").await;
+    assert_eq!(store.stats().counts, Some((2, 0)));
+    store.close().await.expect("close");
+    drop(store);
+
+    let store = open(&config).await.expect("reopen");
+    assert_eq!(
+        store.stats().counts,
+        Some((2, 0)),
+        "kept by the clean close"
+    );
+    new_user(store.as_ref(), "carol").await;
+    assert_eq!(store.stats().counts, Some((3, 0)), "kept up to date");
+    drop(store); // not closed: as after a crash
+
+    let store = open(&config).await.expect("reopen after no close");
+    assert_eq!(
+        store.stats().counts,
+        None,
+        "an open takes the kept counts out: after a crash they would be stale"
+    );
+    store.recount().await.expect("count");
+    assert_eq!(store.stats().counts, Some((3, 0)));
+    store.close().await.expect("close");
+    drop(store);
+
+    let store = open(&config).await.expect("reopen");
+    assert_eq!(store.stats().counts, Some((3, 0)));
+    let dave = totpd::domain::user::User::new(90, "dave".into(), "$argon2id$hash".into(), 5);
+    store
+        .import(totpd::store::BackupRecord {
+            kind: "users".into(),
+            key: dave.id.to_be_bytes().to_vec(),
+            value: totpd::store::codec::encode(&dave),
+        })
+        .await
+        .expect("import");
+    assert_eq!(store.stats().counts, None, "an import makes them unknown");
+    store.close().await.expect("close");
+    drop(store);
+    let store = open(&config).await.expect("reopen");
+    assert_eq!(store.stats().counts, None, "and none are kept");
+    store.recount().await.expect("count");
+    assert_eq!(store.stats().counts, Some((4, 0)));
 }
 
 /// A backup written by totpd 0.1 carries no id counter: importing its users moves the

@@ -409,10 +409,12 @@ impl Seeder {
         Ok(token)
     }
 
-    /// Imports what is still gathered, flushes and closes the store (a server can then open the
-    /// data dir).
+    /// Imports what is still gathered, counts the users (as a restore does: the prepared
+    /// records were imported, so the store no longer knows its counts), flushes and closes the
+    /// store (a server can then open the data dir).
     pub fn finish(self) -> Result<(), String> {
         self.flush()?;
+        self.runtime.block_on(self.store.recount()).map_err(err)?;
         self.runtime.block_on(self.store.close()).map_err(err)
     }
 

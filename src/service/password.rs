@@ -60,10 +60,6 @@ impl std::fmt::Display for HashError {
 
 impl std::error::Error for HashError {}
 
-/// The nice value of the hashing threads: below every other thread of the server, but not the
-/// lowest (19), so that logins still get a share of a machine that verifies flood.
-const HASH_THREAD_NICE: i32 = 10;
-
 /// A hash to run, and where its result goes.
 type HashJob = Box<dyn FnOnce() + Send>;
 
@@ -162,7 +158,8 @@ impl PasswordHasher {
     }
 }
 
-/// Starts `count` hashing threads taking jobs from one queue, at [`HASH_THREAD_NICE`].
+/// Starts `count` hashing threads taking jobs from one queue, at
+/// [`crate::priority::BACKGROUND_NICE`].
 fn start_threads(count: usize) -> Result<mpsc::Sender<HashJob>, HashError> {
     let (jobs, queue) = mpsc::channel::<HashJob>();
     let queue = Arc::new(Mutex::new(queue));
@@ -171,7 +168,7 @@ fn start_threads(count: usize) -> Result<mpsc::Sender<HashJob>, HashError> {
         std::thread::Builder::new()
             .name(format!("totpd-argon2-{i}"))
             .spawn(move || {
-                lower_priority();
+                crate::priority::lower_this_thread("hashing");
                 loop {
                     // The lock is held only to take a job, not while it runs.
                     let next = match queue.lock() {
@@ -191,17 +188,6 @@ fn start_threads(count: usize) -> Result<mpsc::Sender<HashJob>, HashError> {
             .map_err(|e| HashError::Argon2(format!("cannot start a hashing thread: {e}")))?;
     }
     Ok(jobs)
-}
-
-/// Lowers the calling thread's scheduling priority (on Linux `setpriority` on a thread id
-/// applies to that thread alone; elsewhere it would lower the whole process, so it is left).
-fn lower_priority() {
-    #[cfg(target_os = "linux")]
-    if let Err(e) =
-        rustix::process::setpriority_process(Some(rustix::thread::gettid()), HASH_THREAD_NICE)
-    {
-        tracing::warn!("could not lower the priority of a hashing thread: {e}");
-    }
 }
 
 fn hash_with(argon2: &Argon2<'_>, password: &str) -> Result<String, HashError> {

@@ -1,6 +1,7 @@
 //! How many users there are and how many have TOTP active, for `/metrics`: counted by a full
-//! scan in the background (the server does so after start and hourly, so start-up stays fast)
-//! and kept up to date by the operations of this process meanwhile.
+//! scan in the background (the server does so after start, unless the store kept the counts
+//! of its last clean close, and hourly) and kept up to date by the operations of this process
+//! meanwhile.
 
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 
@@ -41,6 +42,12 @@ impl UserCounts {
         self.ready.store(true, Ordering::Relaxed);
     }
 
+    /// Not known any more: records were written around the operations that keep the counts
+    /// (an import), so only a full count gives them again.
+    pub fn forget(&self) {
+        self.ready.store(false, Ordering::Relaxed);
+    }
+
     /// (users, users with TOTP active), once counted.
     pub fn get(&self) -> Option<(u64, u64)> {
         let read = |n: &AtomicI64| n.load(Ordering::Relaxed).max(0) as u64;
@@ -67,5 +74,7 @@ mod tests {
         assert_eq!(counts.get(), Some((3, 2)));
         counts.removed(&user);
         assert_eq!(counts.get(), Some((2, 1)));
+        counts.forget();
+        assert_eq!(counts.get(), None, "forgotten until counted again");
     }
 }

@@ -9,7 +9,8 @@
 //! Trees: `users` (id → User), `usernames` (name → id), `keys` (digest → LoginKey),
 //! `temp_tokens` (digest → user id ‖ expiry: only an index, the state is in the user), `audit`
 //! (time ‖ sequence → AuditEvent); the default tree holds the schema version, the master-key
-//! check record and the next user id (kept in the data, so a backup carries it).
+//! check record and the next user id (kept in the data, so a backup carries it), and, between
+//! a clean close and the next open, the user counts (see `COUNTS_KEY`).
 //!
 //! Durability: every mutating call awaits the group commit, whose flush ends with an
 //! `fdatasync` of sled's log file — sled's own `flush()` on Linux stops at `sync_file_range`,
@@ -37,6 +38,11 @@ use crate::domain::user::{Digest, LoginKey, StoredSecret, User, UserId};
 const SCHEMA_KEY: &[u8] = b"schema_version";
 const KEY_CHECK_KEY: &[u8] = b"master_key_check";
 const NEXT_ID_KEY: &[u8] = b"next_user_id";
+/// The user counts (users, users with TOTP active: two big-endian u64), written by a clean
+/// close and taken out, durably, by the next open: a store that opens with them needs no full
+/// scan to count its users (at a million users the scan took seconds of CPU and most of the
+/// memory a fresh server used). A crash leaves no counts behind, so the next start counts.
+const COUNTS_KEY: &[u8] = b"user_counts";
 /// The database's folder inside the data dir, and the one a restore builds before moving it.
 const DB_DIR: &str = "db";
 const RESTORING_DIR: &str = "db.restoring";
@@ -108,6 +114,7 @@ impl SledStore {
         let audit_queue = Arc::new(Mutex::new(sled::Batch::default()));
         // sled keeps its log in the file `db` of its folder.
         let log = Arc::new(std::fs::File::open(path.join("db")).map_err(|e| io(e.to_string()))?);
+        let counts = take_counts(&db, &log).map_err(|e| io(e.to_string()))?;
         let (flusher, queue, audit_tree) = (db.clone(), Arc::clone(&audit_queue), audit.clone());
         let flusher_log = Arc::clone(&log);
         let commit = GroupCommit::start(move || {
@@ -125,7 +132,7 @@ impl SledStore {
             temp_tokens,
             audit,
             audit_queue,
-            counts: UserCounts::default(),
+            counts,
             gate: tokio::sync::RwLock::new(()),
             log,
             commit,
@@ -393,6 +400,10 @@ impl SledStore {
 
     fn import_now(&self, record: &BackupRecord) -> Result<(), StoreError> {
         let inner = &self.0;
+        if record.kind == "users" {
+            // It may add or replace a user behind the counts' back.
+            inner.counts.forget();
+        }
         match record.kind.as_str() {
             "users" => {
                 let user: User = decode(&record.value)?;
@@ -456,6 +467,16 @@ impl SledStore {
         }
         let counts = &self.0.counts;
         counts.set(users, active);
+        Ok(())
+    }
+
+    /// Writes the counts for the next open, when they are known.
+    fn keep_counts_now(&self) -> Result<(), StoreError> {
+        if let Some((users, active)) = self.0.counts.get() {
+            let mut value = users.to_be_bytes().to_vec();
+            value.extend_from_slice(&active.to_be_bytes());
+            self.0.db.insert(COUNTS_KEY, value)?;
+        }
         Ok(())
     }
 
@@ -684,11 +705,21 @@ impl Store for SledStore {
             .unwrap_or(false)
     }
 
+    /// On a thread of its own at a low priority: the scan reads every user, and requests
+    /// must not wait behind it for a core.
     async fn recount(&self) -> Result<(), StoreError> {
         let store = self.clone();
-        tokio::task::spawn_blocking(move || store.recount_now())
+        let (done, result) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name("totpd-count".into())
+            .spawn(move || {
+                crate::priority::lower_this_thread("user count");
+                let _ = done.send(store.recount_now());
+            })
+            .map_err(|e| StoreError::Backend(format!("cannot start the count: {e}")))?;
+        result
             .await
-            .map_err(|e| StoreError::Backend(e.to_string()))?
+            .map_err(|_| StoreError::Backend("the count stopped without a result".into()))?
     }
 
     fn stats(&self) -> StoreStats {
@@ -704,10 +735,34 @@ impl Store for SledStore {
 
     async fn close(&self) -> Result<(), StoreError> {
         let store = self.clone();
-        tokio::task::spawn_blocking(move || store.flush_now())
-            .await
-            .map_err(|e| StoreError::Backend(e.to_string()))?
+        tokio::task::spawn_blocking(move || {
+            store.keep_counts_now()?;
+            store.flush_now()
+        })
+        .await
+        .map_err(|e| StoreError::Backend(e.to_string()))?
     }
+}
+
+/// The counts a clean close left, taken out of the database before anything else is written
+/// (made durable at once, so that no later change can be on disk while they still are): a
+/// crash from here on leaves none behind.
+fn take_counts(db: &sled::Db, log: &std::fs::File) -> Result<UserCounts, String> {
+    let counts = UserCounts::default();
+    if let Some(value) = db.remove(COUNTS_KEY).map_err(|e| e.to_string())? {
+        if let (Ok(users), Ok(active)) = (
+            <[u8; 8]>::try_from(&value[..value.len().min(8)]),
+            <[u8; 8]>::try_from(&value[value.len().min(8)..]),
+        ) {
+            counts.set(
+                i64::try_from(u64::from_be_bytes(users)).unwrap_or(i64::MAX),
+                i64::try_from(u64::from_be_bytes(active)).unwrap_or(i64::MAX),
+            );
+        }
+        db.flush().map_err(|e| e.to_string())?;
+        log.sync_data().map_err(|e| e.to_string())?;
+    }
+    Ok(counts)
 }
 
 /// Writes the queued audit events in one batch.
@@ -854,6 +909,9 @@ pub async fn restore(
         verified
             .await
             .map_err(|_| super::port::NOT_VERIFIED.to_owned())?;
+        // Counted once here, so the first start on the restored data needs no scan.
+        store.recount_now().map_err(|e| e.to_string())?;
+        store.keep_counts_now().map_err(|e| e.to_string())?;
         store.flush_now().map_err(|e| e.to_string())?;
         count
     };
