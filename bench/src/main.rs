@@ -84,6 +84,9 @@ struct Args {
     pgbench: Option<PathBuf>,
 }
 
+/// How many times each scale point's verifies run on sled alone.
+const SCALE_ALONE_ROUNDS: usize = 3;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum StoreArg {
     Sled,
@@ -910,13 +913,25 @@ impl Bench<'_> {
             let startup = server.startup;
             server.stop()?;
             // The same verifies on sled alone, for users drawn afresh, on the database opened
-            // afresh: how much of the scale point's p99 is sled's.
-            let seeder = Seeder::open(&SeedTarget::Sled(&dir), &self.hash)?;
-            let alone_users = seeder.scale_tokens(users, sample, per_user)?;
-            seeder.finish()?;
+            // afresh: how much of the scale point's p99 is sled's. A p99 of 3 000 requests is
+            // noisy, so sled alone runs three times (fresh users, reopened database) and the
+            // round with the median p99 stands for it.
             let cache = totpd::config::Config::default().cache_capacity;
-            let alone = sled_only::scale_verify(&dir, cache, alone_users, c, timing)?;
-            progress(&format!("sled alone, verify c={c}, {users} users"), &alone);
+            let mut rounds = Vec::new();
+            for round in 1..=SCALE_ALONE_ROUNDS {
+                let seeder = Seeder::open(&SeedTarget::Sled(&dir), &self.hash)?;
+                let alone_users = seeder.scale_tokens(users, sample, per_user)?;
+                seeder.finish()?;
+                let alone = sled_only::scale_verify(&dir, cache, alone_users, c, timing)?;
+                progress(
+                    &format!("sled alone #{round}, verify c={c}, {users} users"),
+                    &alone,
+                );
+                rounds.push(alone);
+            }
+            rounds.sort_by(|a, b| a.ms(0.99).total_cmp(&b.ms(0.99)));
+            let alone_p99s = rounds.iter().map(|o| o.ms(0.99)).collect();
+            let alone = rounds.swap_remove(rounds.len() / 2);
             results.scale.push(ScalePoint {
                 users,
                 startup,
@@ -924,6 +939,7 @@ impl Bench<'_> {
                 after_load,
                 verify,
                 alone,
+                alone_p99s,
                 concurrency: c,
                 dir_bytes,
             });
