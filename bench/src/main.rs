@@ -606,30 +606,33 @@ impl Bench<'_> {
         data: &MainData,
         results: &mut Results,
     ) -> Result<(), String> {
-        let log = self.work.join("status-ceiling.log");
-        let stderr = std::fs::File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
-        let ceiling = Reference::start_with(
-            &self.bare,
-            &["--status-store".as_ref(), dir.as_os_str()],
-            stderr.into(),
-        )?;
-        for c in CONCURRENCY {
-            let endpoint = Endpoint::StatusCeiling;
-            let sources = scenarios::sources(endpoint, data, c);
-            let outcome = self.runtime.block_on(load::run(
-                ceiling.addr,
-                sources,
-                self.plan.timing,
-                Some(ceiling.pid()),
-            ));
-            progress(&format!("{} c={c}", endpoint.name()), &outcome);
-            results.rows.push(Row {
-                endpoint,
-                concurrency: c,
-                outcome,
-            });
+        for (endpoint, extra) in [
+            (Endpoint::StatusCeiling, None),
+            (Endpoint::StatusCeilingNoLog, Some("--no-log")),
+        ] {
+            let log = self.work.join("status-ceiling.log");
+            let stderr =
+                std::fs::File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
+            let mut args = vec!["--status-store".as_ref(), dir.as_os_str()];
+            args.extend(extra.map(std::ffi::OsStr::new));
+            let ceiling = Reference::start_with(&self.bare, &args, stderr.into())?;
+            for c in CONCURRENCY {
+                let sources = scenarios::sources(endpoint, data, c);
+                let outcome = self.runtime.block_on(load::run(
+                    ceiling.addr,
+                    sources,
+                    self.plan.timing,
+                    Some(ceiling.pid()),
+                ));
+                progress(&format!("{} c={c}", endpoint.name()), &outcome);
+                results.rows.push(Row {
+                    endpoint,
+                    concurrency: c,
+                    outcome,
+                });
+            }
+            ceiling.stop();
         }
-        ceiling.stop();
         Ok(())
     }
 

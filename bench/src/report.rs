@@ -276,6 +276,7 @@ pub fn targets(r: &Results) -> Vec<Target> {
             let status_ceiling = (e == Endpoint::Status)
                 .then(|| r.row(Endpoint::StatusCeiling, 64))
                 .flatten();
+            let no_log = r.row(Endpoint::StatusCeilingNoLog, 64);
             let ceiling = sled_counterpart(e)
                 .and_then(|ops| r.sled_only(ops, 64))
                 .map_or(String::new(), |s| {
@@ -297,9 +298,14 @@ pub fn targets(r: &Results) -> Vec<Target> {
                     rps(o.rps()),
                     ratio(share),
                     status_ceiling.map_or(String::new(), |c| format!(
-                        "; its ceiling (warp, its two sled reads and its log line, no totpd pipeline): {} req/s = {} of bare warp; the endpoint reaches {} of it",
+                        "; its ceiling (warp, its two sled reads and its log line, no totpd pipeline): {} req/s = {} of bare warp{}; the endpoint reaches {} of it",
                         rps(c.rps()),
                         ratio(c.rps() / r.bare_rps(e, 64)),
+                        no_log.map_or(String::new(), |n| format!(
+                            " (without the log line {} req/s = {})",
+                            rps(n.rps()),
+                            ratio(n.rps() / r.bare_rps(e, 64))
+                        )),
                         ratio(o.rps() / c.rps())
                     ))
                 ),

@@ -30,6 +30,8 @@ pub enum Endpoint {
     /// Status's ceiling: `bare-warp --status-store` on the main data dir (warp, status's two
     /// sled reads and its log line, nothing of totpd's pipeline), run after the server stopped.
     StatusCeiling,
+    /// The same without the log line (`--no-log`).
+    StatusCeilingNoLog,
 }
 
 impl Endpoint {
@@ -60,6 +62,7 @@ impl Endpoint {
             Endpoint::BareGet => "bare warp GET",
             Endpoint::BarePost => "bare warp POST",
             Endpoint::StatusCeiling => "status ceiling",
+            Endpoint::StatusCeilingNoLog => "status ceiling, no log",
         }
     }
 
@@ -72,13 +75,17 @@ impl Endpoint {
                 | Endpoint::BareGet
                 | Endpoint::BarePost
                 | Endpoint::StatusCeiling
+                | Endpoint::StatusCeilingNoLog
         )
     }
 
     /// The bare warp route this endpoint is compared with: GET for status, POST for the rest.
     pub fn reference(self) -> Endpoint {
         match self {
-            Endpoint::Status | Endpoint::BareGet | Endpoint::StatusCeiling => Endpoint::BareGet,
+            Endpoint::Status
+            | Endpoint::BareGet
+            | Endpoint::StatusCeiling
+            | Endpoint::StatusCeilingNoLog => Endpoint::BareGet,
             _ => Endpoint::BarePost,
         }
     }
@@ -97,6 +104,9 @@ impl Endpoint {
             Endpoint::BareGet => "GET /api/v1/bench/bare/ (bare-warp)",
             Endpoint::BarePost => "POST /api/v1/bench/bare/ (bare-warp)",
             Endpoint::StatusCeiling => "GET /api/v1/bench/bare/status/ (bare-warp --status-store)",
+            Endpoint::StatusCeilingNoLog => {
+                "GET /api/v1/bench/bare/status/ (bare-warp --status-store, --no-log)"
+            }
         }
     }
 }
@@ -158,7 +168,7 @@ fn source(endpoint: Endpoint, data: &MainData, worker: usize) -> Source {
                 ))
             })
         }
-        Endpoint::Status | Endpoint::StatusCeiling => {
+        Endpoint::Status | Endpoint::StatusCeiling | Endpoint::StatusCeilingNoLog => {
             let key = data.status_keys[worker % data.status_keys.len()].clone();
             let path = if endpoint == Endpoint::Status {
                 "/api/v1/auth/totp/"

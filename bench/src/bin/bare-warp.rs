@@ -17,6 +17,8 @@
 //! request written as totpd writes it (`tracing`'s formatter on totpd's batched writer, level
 //! info). That is status's ceiling on warp, sled and a log line: what totpd's pipeline adds on
 //! top of it (connection guards, request id, client address, limits, metrics) is the gap.
+//! `--status-store DIR --no-log` leaves the log line out (its `tracing::info!` is then filtered
+//! out by no subscriber at all), for what the line itself costs.
 
 use std::io::Write;
 use std::time::Instant;
@@ -100,12 +102,16 @@ fn status_route(
 
 #[tokio::main]
 async fn main() {
-    let status_store = match std::env::args().skip(1).collect::<Vec<_>>().as_slice() {
-        [flag, dir] if flag == "--status-store" => Some(StatusStore::open(dir)),
-        _ => None,
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let (status_store, log) = match args.as_slice() {
+        [flag, dir] if flag == "--status-store" => (Some(StatusStore::open(dir)), true),
+        [flag, dir, no_log] if flag == "--status-store" && no_log == "--no-log" => {
+            (Some(StatusStore::open(dir)), false)
+        }
+        _ => (None, false),
     };
     // The log line as totpd writes it; kept until main returns, so the last lines are written.
-    let _log = status_store.as_ref().map(|_| {
+    let _log = log.then(|| {
         let (writer, guard) =
             totpd::log_writer::batched(std::io::stderr(), "bare-log").expect("log thread");
         let _ = tracing_subscriber::fmt()
