@@ -128,7 +128,7 @@ fn recovery(text: &str) -> RecoveryCode {
 
 /// An enrolled user whose last step is 0, with one recovery code, and `tokens` temp tokens
 /// (digests `[i; 32]`, five attempts each) indexed.
-async fn enrolled(store: &dyn Store, name: &str, tokens: u8) -> User {
+pub async fn enrolled(store: &dyn Store, name: &str, tokens: u8) -> User {
     let user = new_user(store, name).await;
     let code = recovery("aaaa-bbbb-cccc-dddd");
     apply(store, user.id, |u| {

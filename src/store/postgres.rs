@@ -469,7 +469,7 @@ impl PostgresStore {
                 continue;
             }
             if changed {
-                self.0.counts.changed(&before, &user);
+                let _ = self.0.counts.changed(&before, &user);
             }
             return Ok(Some(user));
         }
@@ -639,6 +639,8 @@ impl PostgresStore {
     }
 
     async fn recount_now(&self) -> Result<(), StoreError> {
+        // PostgreSQL keeps no counts across starts, so whether this one is exact is moot.
+        let before = self.0.counts.moves();
         let client = self.client().await?;
         let row = client
             .query_one(
@@ -648,7 +650,7 @@ impl PostgresStore {
             .await
             .map_err(backend)?;
         let counts = &self.0.counts;
-        counts.set(row.get(0), row.get(1));
+        counts.set(row.get(0), row.get(1), before);
         Ok(())
     }
 

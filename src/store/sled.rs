@@ -17,6 +17,7 @@
 //! which reaches neither the file's metadata nor the disk's cache.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use async_trait::async_trait;
@@ -63,6 +64,13 @@ struct Inner {
     /// Audit events waiting for the next flush, which writes them in one batch first.
     audit_queue: Arc<Mutex<sled::Batch>>,
     counts: UserCounts,
+    /// Whether `COUNTS_KEY` holds the counts (a close wrote them): the next change that moves a
+    /// count takes them out again, so a later crash cannot leave them stale.
+    counts_kept: AtomicBool,
+    /// Held by a full count while it runs: `close` waits for it (after asking it to stop).
+    counting: Arc<Mutex<()>>,
+    /// Set by `close`: a full count stops early, and none starts.
+    closing: AtomicBool,
     /// Writers hold it shared while they write; an export holds it alone, so a backup is one
     /// consistent snapshot (sled has no snapshots of its own).
     /// An async lock: a writer waiting behind an export yields its worker thread instead of
@@ -133,6 +141,9 @@ impl SledStore {
             audit,
             audit_queue,
             counts,
+            counts_kept: AtomicBool::new(false),
+            counting: Arc::new(Mutex::new(())),
+            closing: AtomicBool::new(false),
             gate: tokio::sync::RwLock::new(()),
             log,
             commit,
@@ -201,7 +212,9 @@ impl SledStore {
             {
                 continue;
             }
-            inner.counts.changed(&before, &user);
+            if inner.counts.changed(&before, &user) {
+                self.counts_moved()?;
+            }
             if user.key_epoch > before.key_epoch {
                 if let Some(kept) = user.kept_key {
                     self.carry_key_over(&kept, id, user.key_epoch)?;
@@ -288,6 +301,7 @@ impl SledStore {
         };
         if matches!(created, Created::User(_)) {
             inner.counts.created();
+            self.counts_moved()?;
         }
         Ok(created)
     }
@@ -311,6 +325,7 @@ impl SledStore {
             })?;
         if let Some(user) = &removed {
             inner.counts.removed(user);
+            self.counts_moved()?;
         }
         Ok(removed)
     }
@@ -403,6 +418,7 @@ impl SledStore {
         if record.kind == "users" {
             // It may add or replace a user behind the counts' back.
             inner.counts.forget();
+            self.counts_moved()?;
         }
         match record.kind.as_str() {
             "users" => {
@@ -459,23 +475,50 @@ impl SledStore {
         Ok(())
     }
 
-    fn recount_now(&self) -> Result<(), StoreError> {
-        let (mut users, mut active) = (0i64, 0i64);
-        for bytes in self.0.users.iter().values() {
-            users += 1;
-            active += i64::from(decode::<User>(&bytes?)?.totp.is_some());
+    /// A change moved a count: counts kept for the next open are out of date, take them out
+    /// (before the change is acknowledged: the group commit that makes it durable carries this
+    /// too). The caller holds the write gate, as `close` does while it keeps them.
+    fn counts_moved(&self) -> Result<(), StoreError> {
+        if self.0.counts_kept.swap(false, Ordering::SeqCst) {
+            self.0.db.remove(COUNTS_KEY)?;
         }
-        let counts = &self.0.counts;
-        counts.set(users, active);
         Ok(())
     }
 
-    /// Writes the counts for the next open, when they are known.
+    /// Scans every user: (users, users with TOTP active), or `None` when `close` asked it to
+    /// stop.
+    fn count_users(&self) -> Result<Option<(i64, i64)>, StoreError> {
+        let (mut users, mut active) = (0i64, 0i64);
+        for bytes in self.0.users.iter().values() {
+            if users % 4096 == 0 && self.0.closing.load(Ordering::SeqCst) {
+                return Ok(None);
+            }
+            users += 1;
+            active += i64::from(decode::<User>(&bytes?)?.totp.is_some());
+        }
+        Ok(Some((users, active)))
+    }
+
+    /// A full count while writers go on. Its result is set with the write gate held alone, so
+    /// that no change is half done (written, its count not yet moved) at that moment; a change
+    /// during the scan makes the result inexact (see `UserCounts`).
+    fn recount_now(&self) -> Result<(), StoreError> {
+        let before = self.0.counts.moves();
+        if let Some((users, active)) = self.count_users()? {
+            let _alone = self.0.gate.blocking_write();
+            self.0.counts.set(users, active, before);
+        }
+        Ok(())
+    }
+
+    /// Writes the counts for the next open, when they are known exactly. The caller holds the
+    /// write gate alone (or nothing else runs: a restore).
     fn keep_counts_now(&self) -> Result<(), StoreError> {
-        if let Some((users, active)) = self.0.counts.get() {
+        if let Some((users, active)) = self.0.counts.to_keep() {
             let mut value = users.to_be_bytes().to_vec();
             value.extend_from_slice(&active.to_be_bytes());
             self.0.db.insert(COUNTS_KEY, value)?;
+            self.0.counts_kept.store(true, Ordering::SeqCst);
         }
         Ok(())
     }
@@ -695,6 +738,7 @@ impl Store for SledStore {
     }
 
     async fn import(&self, record: BackupRecord) -> Result<(), StoreError> {
+        let _writing = self.write_gate().await;
         self.import_now(&record)
     }
 
@@ -709,12 +753,23 @@ impl Store for SledStore {
     /// must not wait behind it for a core.
     async fn recount(&self) -> Result<(), StoreError> {
         let store = self.clone();
+        let counting = Arc::clone(&self.0.counting);
         let (done, result) = tokio::sync::oneshot::channel();
         std::thread::Builder::new()
             .name("totpd-count".into())
             .spawn(move || {
                 crate::priority::lower_this_thread("user count");
-                let _ = done.send(store.recount_now());
+                let running = counting.lock().unwrap_or_else(PoisonError::into_inner);
+                let counted = if store.0.closing.load(Ordering::SeqCst) {
+                    Ok(())
+                } else {
+                    store.recount_now()
+                };
+                // The store goes before `close` may go on: once it has, nothing of this count
+                // holds the data dir.
+                drop(store);
+                drop(running);
+                let _ = done.send(counted);
             })
             .map_err(|e| StoreError::Backend(format!("cannot start the count: {e}")))?;
         result
@@ -733,7 +788,16 @@ impl Store for SledStore {
         }
     }
 
+    /// Stops a full count that may be running (and waits for it), then, with the write gate
+    /// held alone so that no change is half done, keeps the counts for the next open and makes
+    /// everything durable.
     async fn close(&self) -> Result<(), StoreError> {
+        self.0.closing.store(true, Ordering::SeqCst);
+        let counting = Arc::clone(&self.0.counting);
+        tokio::task::spawn_blocking(move || drop(counting.lock()))
+            .await
+            .map_err(|e| StoreError::Backend(e.to_string()))?;
+        let _alone = self.0.gate.write().await;
         let store = self.clone();
         tokio::task::spawn_blocking(move || {
             store.keep_counts_now()?;
@@ -757,6 +821,7 @@ fn take_counts(db: &sled::Db, log: &std::fs::File) -> Result<UserCounts, String>
             counts.set(
                 i64::try_from(u64::from_be_bytes(users)).unwrap_or(i64::MAX),
                 i64::try_from(u64::from_be_bytes(active)).unwrap_or(i64::MAX),
+                counts.moves(),
             );
         }
         db.flush().map_err(|e| e.to_string())?;
@@ -909,8 +974,12 @@ pub async fn restore(
         verified
             .await
             .map_err(|_| super::port::NOT_VERIFIED.to_owned())?;
-        // Counted once here, so the first start on the restored data needs no scan.
-        store.recount_now().map_err(|e| e.to_string())?;
+        // Counted once here (nothing else writes meanwhile), so the first start on the restored
+        // data needs no scan.
+        let before = store.0.counts.moves();
+        if let Some((users, active)) = store.count_users().map_err(|e| e.to_string())? {
+            store.0.counts.set(users, active, before);
+        }
         store.keep_counts_now().map_err(|e| e.to_string())?;
         store.flush_now().map_err(|e| e.to_string())?;
         count
