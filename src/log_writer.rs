@@ -10,14 +10,16 @@
 //! is woken once per batch: when a line lands in an empty buffer, after which it waits
 //! `GATHER` for more before it writes them all with one `write`.
 //!
-//! Nothing is dropped: when `LIMIT` bytes are waiting (the output is stuck: a full pipe, a slow
-//! journald), loggers wait for room, as with a blocking writer. A request never waits for the
-//! write itself otherwise. Dropping the guard writes what is left and stops the thread.
+//! Nothing is dropped while the guard lives: when `LIMIT` bytes are waiting (the output is
+//! stuck: a full pipe, a slow journald), loggers wait for room, as with a blocking writer. A
+//! request never waits for the write itself otherwise. Dropping the guard writes what is left
+//! and stops the thread, waiting at most `LAST_WRITE` for a stuck output (the process is
+//! exiting: it must not hang on its log); lines logged after that are lost.
 
 use std::io::{self, Write};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// How long the thread lets lines gather after the first of a batch: the most a line is late.
 const GATHER: Duration = Duration::from_millis(10);
@@ -25,11 +27,15 @@ const GATHER: Duration = Duration::from_millis(10);
 const EARLY: usize = 256 * 1024;
 /// Waiting bytes beyond which loggers wait for the thread.
 const LIMIT: usize = 8 * 1024 * 1024;
+/// How long dropping the guard waits for the last lines to be written.
+const LAST_WRITE: Duration = Duration::from_secs(2);
 
 #[derive(Default)]
 struct Pending {
     lines: Vec<u8>,
     closing: bool,
+    /// The thread has written its last batch and returned.
+    finished: bool,
 }
 
 #[derive(Default)]
@@ -37,7 +43,7 @@ struct Shared {
     pending: Mutex<Pending>,
     /// Wakes the thread: the first line of a batch, `EARLY` reached, or closing.
     wake: Condvar,
-    /// Wakes loggers waiting for room below `LIMIT`.
+    /// Wakes loggers waiting for room below `LIMIT`, and the guard waiting for the end.
     room: Condvar,
 }
 
@@ -91,10 +97,14 @@ fn write_batches<W: Write>(shared: &Shared, mut out: W) {
                     .wait(pending)
                     .unwrap_or_else(PoisonError::into_inner);
             }
-            if pending.lines.len() < EARLY && !pending.closing {
+            let deadline = Instant::now() + GATHER;
+            while pending.lines.len() < EARLY && !pending.closing {
+                let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+                    break;
+                };
                 pending = shared
                     .wake
-                    .wait_timeout(pending, GATHER)
+                    .wait_timeout(pending, left)
                     .unwrap_or_else(PoisonError::into_inner)
                     .0;
             }
@@ -110,6 +120,8 @@ fn write_batches<W: Write>(shared: &Shared, mut out: W) {
             batch.shrink_to(EARLY);
         }
         if closing {
+            shared.lock().finished = true;
+            shared.room.notify_all();
             return;
         }
     }
@@ -163,9 +175,24 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for BatchedWriter {
 
 impl Drop for WriterGuard {
     fn drop(&mut self) {
-        self.shared.lock().closing = true;
+        let mut pending = self.shared.lock();
+        pending.closing = true;
         self.shared.wake.notify_one();
         self.shared.room.notify_all();
+        let deadline = Instant::now() + LAST_WRITE;
+        while !pending.finished {
+            let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+                // Stuck in a write: leave the thread to the process's exit.
+                return;
+            };
+            pending = self
+                .shared
+                .room
+                .wait_timeout(pending, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        drop(pending);
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
@@ -175,7 +202,6 @@ impl Drop for WriterGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Instant;
 
     /// An output the test can read while the thread writes to it, counting the writes.
     #[derive(Clone, Default)]
@@ -302,5 +328,30 @@ mod tests {
         logger.join().expect("logger");
         drop(guard);
         assert_eq!(sink.bytes.lock().expect("sink").len(), total * 1024);
+    }
+
+    /// Shutdown does not hang on an output that never takes the last lines: the guard gives up
+    /// after `LAST_WRITE`.
+    #[test]
+    fn dropping_the_guard_gives_up_on_a_stuck_output() {
+        struct Never;
+        impl Write for Never {
+            fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+                std::thread::sleep(Duration::from_secs(3600));
+                Ok(0)
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let (mut writer, guard) = batched(Never, "test-log").expect("thread");
+        writer.write_all(b"never written\n").expect("write");
+        let started = Instant::now();
+        drop(guard);
+        let took = started.elapsed();
+        assert!(
+            took >= LAST_WRITE && took < LAST_WRITE + Duration::from_secs(2),
+            "{took:?}"
+        );
     }
 }
