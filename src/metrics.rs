@@ -174,7 +174,9 @@ impl Metrics {
                     "totpd_http_request_duration_seconds_bucket{{route=\"{name}\",le=\"{bound}\"}} {cumulative}"
                 );
             }
-            let count = route.count.load(Ordering::Relaxed);
+            // Read after the buckets, and never below them: a request recorded meanwhile
+            // must not make +Inf smaller than a finite bucket.
+            let count = route.count.load(Ordering::Relaxed).max(cumulative);
             let _ = writeln!(
                 out,
                 "totpd_http_request_duration_seconds_bucket{{route=\"{name}\",le=\"+Inf\"}} {count}"
@@ -299,6 +301,8 @@ mod tests {
         metrics.record_request("/api/v1/auth/totp/verify/", 200, Duration::from_millis(30));
         metrics.record_request("/api/v1/auth/totp/verify/", 400, Duration::from_millis(1));
         metrics.record_request("/wp-admin/", 404, Duration::from_micros(50));
+        // Slower than the last bucket: only in +Inf.
+        metrics.record_request("/wp-admin/", 404, Duration::from_secs(3));
         metrics.record_verify(VerifyOutcome::Replay);
         metrics.record_lockout();
         let text = metrics.render(&StoreStats {
@@ -322,7 +326,10 @@ mod tests {
             "totpd_http_request_duration_seconds_bucket{route=\"/api/v1/auth/totp/verify/\",le=\"0.025\"} 2",
             "totpd_http_request_duration_seconds_bucket{route=\"/api/v1/auth/totp/verify/\",le=\"0.05\"} 3",
             "totpd_http_request_duration_seconds_count{route=\"/api/v1/auth/totp/verify/\"} 3",
-            "totpd_http_requests_total{route=\"other\",status=\"404\"} 1",
+            "totpd_http_requests_total{route=\"other\",status=\"404\"} 2",
+            "totpd_http_request_duration_seconds_bucket{route=\"other\",le=\"0.0005\"} 1",
+            "totpd_http_request_duration_seconds_bucket{route=\"other\",le=\"2.5\"} 1",
+            "totpd_http_request_duration_seconds_bucket{route=\"other\",le=\"+Inf\"} 2",
             "totpd_verify_total{outcome=\"replay\"} 1",
             "totpd_verify_total{outcome=\"ok\"} 0",
             "totpd_lockouts_total 1",
