@@ -745,6 +745,26 @@ const INSERT_TEMP_TOKEN: &str = "INSERT INTO temp_tokens (digest, user_id, expir
      expires_at = excluded.expires_at";
 const INSERT_EVENT: &str = "INSERT INTO audit_events (time, record) VALUES ($1, $2)";
 
+/// The login key `digest` as stored (the bytes, for a compare-and-swap) and decoded.
+async fn login_key_record(
+    client: &tokio_postgres::Client,
+    digest: &Digest,
+) -> Result<Option<(Vec<u8>, LoginKey)>, StoreError> {
+    let Some(row) = client
+        .query_opt(
+            "SELECT record FROM login_keys WHERE digest = $1",
+            &[&digest.as_slice()],
+        )
+        .await
+        .map_err(backend)?
+    else {
+        return Ok(None);
+    };
+    let record: Vec<u8> = row.get(0);
+    let key = decode(&record)?;
+    Ok(Some((record, key)))
+}
+
 /// The kept key's record moved to the user's new epoch, to be written with the change that
 /// moves the user there (it is valid meanwhile through `kept_key`); `None` if there is nothing
 /// to move. Written without a compare: a touch of the key meanwhile only loses its newer
@@ -755,17 +775,9 @@ async fn carried_key(
     user_id: UserId,
     epoch: u64,
 ) -> Result<Option<(Digest, Vec<u8>)>, StoreError> {
-    let Some(row) = client
-        .query_opt(
-            "SELECT record FROM login_keys WHERE digest = $1",
-            &[&keep.as_slice()],
-        )
-        .await
-        .map_err(backend)?
-    else {
+    let Some((_, mut key)) = login_key_record(client, keep).await? else {
         return Ok(None);
     };
-    let mut key: LoginKey = decode(row.get::<_, &[u8]>(0))?;
     // Only the key valid at the epoch just left moves: never one revoked before it.
     if key.user_id != user_id || key.epoch + 1 != epoch {
         return Ok(None);
@@ -1050,18 +1062,9 @@ impl Store for PostgresStore {
     async fn touch_key(&self, digest: &Digest, now: UnixTime) -> Result<(), StoreError> {
         let touch = async {
             let client = self.client().await?;
-            let Some(row) = client
-                .query_opt(
-                    "SELECT record FROM login_keys WHERE digest = $1",
-                    &[&digest.as_slice()],
-                )
-                .await
-                .map_err(backend)?
-            else {
+            let Some((old, mut key)) = login_key_record(&client, digest).await? else {
                 return Ok(());
             };
-            let old: Vec<u8> = row.get(0);
-            let mut key: LoginKey = decode(&old)?;
             key.last_used_at = key.last_used_at.max(now);
             // A compare-and-swap on the record: losing a race with another touch or an epoch
             // carry-over only makes the idle timeout end sooner.
