@@ -191,17 +191,18 @@ impl Application {
         .await;
         // When this returns, no task of the server holds the store any more, so that the data
         // dir can be opened again at once (a restart in the same process, as tests and
-        // embedding programs do): the background tasks are ended and awaited, and the first
-        // count, whose scan runs on a thread that cannot be interrupted, is waited for.
+        // embedding programs do): the background tasks are ended and awaited. A count still
+        // scanning on its thread is stopped, and waited for, by the store's close.
         sweeper.abort();
         let _ = sweeper.await;
+        counting.abort();
+        let _ = counting.await;
         #[cfg(unix)]
         if let Some(admin) = admin {
             admin.abort();
             let _ = admin.await;
             let _ = std::fs::remove_file(admin::socket_path(&state.config.data_dir));
         }
-        let _ = counting.await;
         tracing::info!("shutting down: flushing the store");
         state
             .service

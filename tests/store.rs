@@ -95,8 +95,11 @@ async fn counts_kept_by_a_clean_close_serve_the_next_open_only() {
         cache_capacity: 4 * 1024 * 1024,
     };
     let store = open(&config).await.expect("open");
-    assert_eq!(store.stats().counts, None, "nothing counted yet");
-    store.recount().await.expect("count");
+    assert_eq!(
+        store.stats().counts,
+        Some((0, 0)),
+        "a database created just now needs no count"
+    );
     new_user(store.as_ref(), "alice").await;
     enrolled(store.as_ref(), "bob", 0).await;
     assert_eq!(store.stats().counts, Some((2, 1)));
@@ -236,4 +239,52 @@ async fn writers_waiting_behind_a_backup_leave_the_workers_to_readers() {
     assert!(users.iter().all(|u| u.last_login.is_none()));
     let written = writer.await.expect("task").expect("user");
     assert_eq!(written.last_login, Some(9));
+}
+
+/// Closing while a full count scans stops the count and waits for its thread: once `close`
+/// returns, the data dir opens again at once (a restart in the same process).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_during_a_count_leaves_the_data_dir_free() {
+    use totpd::domain::user::User;
+    use totpd::store::codec::encode;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = StoreConfig::Sled {
+        data_dir: dir.path().join("data"),
+        cache_capacity: 4 * 1024 * 1024,
+    };
+    let store = open(&config).await.expect("open");
+    for id in 1..=20_000u64 {
+        let user = User::new(id, format!("user-{id}"), "$argon2id$hash".into(), 5);
+        store
+            .import(totpd::store::BackupRecord {
+                kind: "users".into(),
+                key: id.to_be_bytes().to_vec(),
+                value: encode(&user),
+            })
+            .await
+            .expect("import");
+    }
+    store.close().await.expect("close");
+    drop(store);
+    for round in 0..5 {
+        let store = open(&config).await.expect("the data dir is free");
+        let counting = tokio::spawn({
+            let store = Arc::clone(&store);
+            async move { store.recount().await }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(round)).await;
+        store.close().await.expect("close");
+        counting.await.expect("task").expect("count");
+        drop(store);
+        let store = open(&config)
+            .await
+            .expect("the data dir is free after close");
+        // Stopped, or finished before the close: never a partial count.
+        assert!(
+            matches!(store.stats().counts, None | Some((20_000, 0))),
+            "{:?}",
+            store.stats().counts
+        );
+        store.close().await.expect("close");
+    }
 }

@@ -67,8 +67,10 @@ struct Inner {
     /// Whether `COUNTS_KEY` holds the counts (a close wrote them): the next change that moves a
     /// count takes them out again, so a later crash cannot leave them stale.
     counts_kept: AtomicBool,
-    /// Held by a full count while it runs: `close` waits for it (after asking it to stop).
-    counting: Arc<Mutex<()>>,
+    /// Held by a full count from before its thread starts until the thread has let go of the
+    /// store: `close` waits for it (after asking it to stop), so that once `close` returns no
+    /// count holds the data dir.
+    counting: Arc<tokio::sync::Mutex<()>>,
     /// Set by `close`: a full count stops early, and none starts.
     closing: AtomicBool,
     /// Writers hold it shared while they write; an export holds it alone, so a backup is one
@@ -78,6 +80,8 @@ struct Inner {
     gate: tokio::sync::RwLock<()>,
     /// sled's log file, for the `fdatasync` that ends every flush.
     log: Arc<std::fs::File>,
+    /// The database's folder, recorded as released when this goes (see `released`).
+    path: std::path::PathBuf,
     commit: GroupCommit,
 }
 
@@ -97,18 +101,17 @@ impl SledStore {
 
     fn open_at(data_dir: &Path, path: &Path, cache_capacity: u64) -> Result<Self, OpenError> {
         let io = |cause: String| io_error(data_dir, cause);
-        let db = sled::Config::new()
+        let config = sled::Config::new()
             .path(path)
-            .cache_capacity(cache_capacity)
-            .open()
-            .map_err(|e| match e {
-                sled::Error::Io(ref io_err)
-                    if io_err.to_string().contains("could not acquire lock") =>
-                {
-                    OpenError::Locked(data_dir.to_path_buf())
-                }
-                other => io(other.to_string()),
-            })?;
+            .cache_capacity(cache_capacity);
+        let db = released::open(path, || config.open()).map_err(|e| match e {
+            sled::Error::Io(ref io_err)
+                if io_err.to_string().contains("could not acquire lock") =>
+            {
+                OpenError::Locked(data_dir.to_path_buf())
+            }
+            other => io(other.to_string()),
+        })?;
         check_schema(&db, data_dir)?;
         let tree = |name: &str| db.open_tree(name).map_err(|e| io(e.to_string()));
         let (users, usernames, keys, temp_tokens, audit) = (
@@ -122,7 +125,7 @@ impl SledStore {
         let audit_queue = Arc::new(Mutex::new(sled::Batch::default()));
         // sled keeps its log in the file `db` of its folder.
         let log = Arc::new(std::fs::File::open(path.join("db")).map_err(|e| io(e.to_string()))?);
-        let counts = take_counts(&db, &log).map_err(|e| io(e.to_string()))?;
+        let counts = take_counts(&db, &users, &log).map_err(|e| io(e.to_string()))?;
         let (flusher, queue, audit_tree) = (db.clone(), Arc::clone(&audit_queue), audit.clone());
         let flusher_log = Arc::clone(&log);
         let commit = GroupCommit::start(move || {
@@ -142,10 +145,11 @@ impl SledStore {
             audit_queue,
             counts,
             counts_kept: AtomicBool::new(false),
-            counting: Arc::new(Mutex::new(())),
+            counting: Arc::new(tokio::sync::Mutex::new(())),
             closing: AtomicBool::new(false),
             gate: tokio::sync::RwLock::new(()),
             log,
+            path: path.to_path_buf(),
             commit,
         })))
     }
@@ -753,13 +757,12 @@ impl Store for SledStore {
     /// must not wait behind it for a core.
     async fn recount(&self) -> Result<(), StoreError> {
         let store = self.clone();
-        let counting = Arc::clone(&self.0.counting);
+        let running = Arc::clone(&self.0.counting).lock_owned().await;
         let (done, result) = tokio::sync::oneshot::channel();
         std::thread::Builder::new()
             .name("totpd-count".into())
             .spawn(move || {
                 crate::priority::lower_this_thread("user count");
-                let running = counting.lock().unwrap_or_else(PoisonError::into_inner);
                 let counted = if store.0.closing.load(Ordering::SeqCst) {
                     Ok(())
                 } else {
@@ -793,10 +796,7 @@ impl Store for SledStore {
     /// everything durable.
     async fn close(&self) -> Result<(), StoreError> {
         self.0.closing.store(true, Ordering::SeqCst);
-        let counting = Arc::clone(&self.0.counting);
-        tokio::task::spawn_blocking(move || drop(counting.lock()))
-            .await
-            .map_err(|e| StoreError::Backend(e.to_string()))?;
+        drop(self.0.counting.lock().await);
         let _alone = self.0.gate.write().await;
         let store = self.clone();
         tokio::task::spawn_blocking(move || {
@@ -808,21 +808,92 @@ impl Store for SledStore {
     }
 }
 
+/// Lets this process open a database it has just let go of. sled releases its file lock only
+/// when the last of its IO threads drops its handle, which can be after the last `Db` is gone
+/// (a buffer still being written): an open right after (a restart in the same process, as
+/// tests and embedding programs do) would find the database locked. A lock on a database this
+/// process closed is waited out, briefly; one held by another process fails at once, as before.
+mod released {
+    use std::path::{Path, PathBuf};
+    use std::sync::{Mutex, PoisonError};
+    use std::time::{Duration, Instant};
+
+    /// Databases this process has let go of.
+    static RELEASED: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+    /// How long sled's IO threads get to let go of a released database.
+    const WAIT: Duration = Duration::from_secs(2);
+
+    fn was_released(path: &Path) -> bool {
+        RELEASED
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .any(|p| p == path)
+    }
+
+    /// Opens with `open`, retrying a lock failure for a while if this process released `path`.
+    pub fn open<T>(path: &Path, open: impl Fn() -> sled::Result<T>) -> sled::Result<T> {
+        let started = Instant::now();
+        loop {
+            match open() {
+                Err(sled::Error::Io(e))
+                    if e.to_string().contains("could not acquire lock")
+                        && was_released(path)
+                        && started.elapsed() < WAIT =>
+                {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                result => {
+                    if result.is_ok() {
+                        RELEASED
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .retain(|p| p != path);
+                    }
+                    return result;
+                }
+            }
+        }
+    }
+
+    /// `path`'s database is being let go of by this process.
+    pub fn record(path: &Path) {
+        let mut released = RELEASED.lock().unwrap_or_else(PoisonError::into_inner);
+        if !released.iter().any(|p| p == path) {
+            released.push(path.to_path_buf());
+        }
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        released::record(&self.path);
+    }
+}
+
 /// The counts a clean close left, taken out of the database before anything else is written
 /// (made durable at once, so that no later change can be on disk while they still are): a
-/// crash from here on leaves none behind.
-fn take_counts(db: &sled::Db, log: &std::fs::File) -> Result<UserCounts, String> {
+/// crash from here on leaves none behind. A database created just now has no users: (0, 0),
+/// with no scan.
+fn take_counts(
+    db: &sled::Db,
+    users: &sled::Tree,
+    log: &std::fs::File,
+) -> Result<UserCounts, String> {
     let counts = UserCounts::default();
+    if !db.was_recovered() && users.is_empty() {
+        counts.set(0, 0, counts.moves());
+    }
     if let Some(value) = db.remove(COUNTS_KEY).map_err(|e| e.to_string())? {
-        if let (Ok(users), Ok(active)) = (
-            <[u8; 8]>::try_from(&value[..value.len().min(8)]),
-            <[u8; 8]>::try_from(&value[value.len().min(8)..]),
-        ) {
-            counts.set(
-                i64::try_from(u64::from_be_bytes(users)).unwrap_or(i64::MAX),
-                i64::try_from(u64::from_be_bytes(active)).unwrap_or(i64::MAX),
-                counts.moves(),
-            );
+        // Anything but two u64 is ignored: the start then counts.
+        let number = |bytes: &[u8]| {
+            <[u8; 8]>::try_from(bytes)
+                .map(|b| i64::try_from(u64::from_be_bytes(b)).unwrap_or(i64::MAX))
+        };
+        if let Some((users, active)) = value.split_at_checked(8) {
+            if let (Ok(users), Ok(active)) = (number(users), number(active)) {
+                counts.set(users, active, counts.moves());
+            }
         }
         db.flush().map_err(|e| e.to_string())?;
         log.sync_data().map_err(|e| e.to_string())?;
@@ -986,6 +1057,8 @@ pub async fn restore(
     };
     std::fs::rename(&building, data_dir.join(DB_DIR))
         .map_err(|e| format!("cannot move the restored database into place: {e}"))?;
+    // The same files under their new name: sled's IO threads may still hold them.
+    released::record(&data_dir.join(DB_DIR));
     if let Ok(dir) = std::fs::File::open(data_dir) {
         let _ = dir.sync_all();
     }
