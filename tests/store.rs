@@ -6,12 +6,17 @@ use std::sync::Arc;
 use totpd::store::conformance::{TestStore, enrolled, new_user};
 use totpd::store::{StoreConfig, open};
 
+/// A sled store in `<dir>/data`, with a small cache.
+fn sled_config(dir: &std::path::Path) -> StoreConfig {
+    StoreConfig::Sled {
+        data_dir: dir.join("data"),
+        cache_capacity: 4 * 1024 * 1024,
+    }
+}
+
 async fn sled_store() -> TestStore {
     let dir = tempfile::tempdir().expect("tempdir");
-    let config = StoreConfig::Sled {
-        data_dir: dir.path().join("data"),
-        cache_capacity: 4 * 1024 * 1024,
-    };
+    let config = sled_config(dir.path());
     let store = open(&config).await.expect("the store opens");
     TestStore {
         store: Arc::clone(&store),
@@ -26,10 +31,7 @@ totpd::store_conformance_suite!(sled_store);
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restore_without_its_sources_confirmation_installs_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let config = StoreConfig::Sled {
-        data_dir: dir.path().join("data"),
-        cache_capacity: 4 * 1024 * 1024,
-    };
+    let config = sled_config(dir.path());
     let record = totpd::store::BackupRecord {
         kind: "meta".into(),
         key: b"next_user_id".to_vec(),
@@ -65,10 +67,7 @@ async fn a_restore_keeps_the_counts_of_what_it_restored() {
         records.push(record);
     }
     let dir = tempfile::tempdir().expect("tempdir");
-    let config = StoreConfig::Sled {
-        data_dir: dir.path().join("data"),
-        cache_capacity: 4 * 1024 * 1024,
-    };
+    let config = sled_config(dir.path());
     let (sink, receiver) = tokio::sync::mpsc::channel(64);
     let (verified, confirmation) = tokio::sync::oneshot::channel();
     let expected = records.len() as u64;
@@ -90,10 +89,7 @@ async fn a_restore_keeps_the_counts_of_what_it_restored() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn counts_kept_by_a_clean_close_serve_the_next_open_only() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let config = StoreConfig::Sled {
-        data_dir: dir.path().join("data"),
-        cache_capacity: 4 * 1024 * 1024,
-    };
+    let config = sled_config(dir.path());
     let store = open(&config).await.expect("open");
     assert_eq!(
         store.stats().counts,
@@ -248,10 +244,7 @@ async fn close_during_a_count_leaves_the_data_dir_free() {
     use totpd::domain::user::User;
     use totpd::store::codec::encode;
     let dir = tempfile::tempdir().expect("tempdir");
-    let config = StoreConfig::Sled {
-        data_dir: dir.path().join("data"),
-        cache_capacity: 4 * 1024 * 1024,
-    };
+    let config = sled_config(dir.path());
     let store = open(&config).await.expect("open");
     for id in 1..=20_000u64 {
         let user = User::new(id, format!("user-{id}"), "$argon2id$hash".into(), 5);

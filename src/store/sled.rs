@@ -1046,13 +1046,18 @@ pub async fn restore(
             .await
             .map_err(|_| super::port::NOT_VERIFIED.to_owned())?;
         // Counted once here (nothing else writes meanwhile), so the first start on the restored
-        // data needs no scan.
-        let before = store.0.counts.moves();
-        if let Some((users, active)) = store.count_users().map_err(|e| e.to_string())? {
-            store.0.counts.set(users, active, before);
-        }
-        store.keep_counts_now().map_err(|e| e.to_string())?;
-        store.flush_now().map_err(|e| e.to_string())?;
+        // data needs no scan; the scan and the flush's fsync off the executor.
+        tokio::task::spawn_blocking(move || {
+            let before = store.0.counts.moves();
+            if let Some((users, active)) = store.count_users()? {
+                store.0.counts.set(users, active, before);
+            }
+            store.keep_counts_now()?;
+            store.flush_now()
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
         count
     };
     std::fs::rename(&building, data_dir.join(DB_DIR))
