@@ -23,6 +23,17 @@ pub struct TotpStatus {
     pub recovery_codes_remaining: usize,
 }
 
+impl TotpStatus {
+    /// What `user`'s second factor looks like from outside.
+    pub fn of(user: &User) -> Self {
+        TotpStatus {
+            active: user.totp.is_some(),
+            pending: user.totp.is_none() && user.pending.is_some(),
+            recovery_codes_remaining: user.recovery_codes_remaining(),
+        }
+    }
+}
+
 pub struct TotpSetup {
     pub secret_key: String,
     pub provisioning_uri: String,
@@ -37,12 +48,7 @@ pub struct Verified {
 impl Service {
     /// What the session's user has: TOTP on, a setup pending, recovery codes left.
     pub fn totp_status(&self, session: &Session) -> TotpStatus {
-        let user = &session.user;
-        TotpStatus {
-            active: user.totp.is_some(),
-            pending: user.totp.is_none() && user.pending.is_some(),
-            recovery_codes_remaining: user.recovery_codes_remaining(),
-        }
+        TotpStatus::of(&session.user)
     }
 
     /// Starts enrolment: a fresh 20-byte secret from the OS CSPRNG, sealed, pending until

@@ -25,6 +25,7 @@ use std::time::Instant;
 
 use serde::Deserialize;
 use totpd::domain::user::{LoginKey, User};
+use totpd::service::TotpStatus;
 use totpd::store::codec::decode;
 use warp::http::StatusCode;
 use warp::{Filter, Reply};
@@ -63,11 +64,11 @@ impl StatusStore {
         let record = self.keys.get(digest).ok()??;
         let record: LoginKey = decode(&record).ok()?;
         let user = self.users.get(record.user_id.to_be_bytes()).ok()??;
-        let user: User = decode(&user).ok()?;
+        let status = TotpStatus::of(&decode::<User>(&user).ok()?);
         Some(serde_json::json!({
-            "active": user.totp.is_some(),
-            "pending": user.totp.is_none() && user.pending.is_some(),
-            "recovery_codes_remaining": user.recovery_codes_remaining(),
+            "active": status.active,
+            "pending": status.pending,
+            "recovery_codes_remaining": status.recovery_codes_remaining,
         }))
     }
 }
