@@ -213,9 +213,12 @@ impl Application {
 }
 
 /// Once a minute, deletes expired temp tokens and keys and audit events past their retention,
-/// so abandoned logins and old sessions do not pile up; once an hour, recounts the users.
+/// so abandoned logins and old sessions do not pile up; once an hour, recounts the users. The
+/// first sweep comes a minute after start, not at it: a scan of every key while the server
+/// starts would compete with its first requests for a core and for sled's cache.
 async fn sweep_expired(state: SharedState) {
-    let mut tick = tokio::time::interval(Duration::from_secs(60));
+    let every = Duration::from_secs(60);
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     let mut minutes = 0u64;
     let retention = state.config.audit_retention_days * 24 * 60 * 60;
     loop {

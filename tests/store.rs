@@ -281,3 +281,55 @@ async fn close_during_a_count_leaves_the_data_dir_free() {
         store.close().await.expect("close");
     }
 }
+
+/// The sweep is paced (a pause every few hundred records, so a long scan never holds a core
+/// for long) and stops when the store closes: close does not wait for a whole slow scan, and
+/// the next sweep, after a reopen, removes what the stopped one left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_stops_a_sweep_and_the_next_sweep_finishes_it() {
+    use totpd::domain::keys::KeyLifetime;
+    use totpd::domain::user::LoginKey;
+    use totpd::store::codec::encode;
+    const KEYS: u64 = 20_000;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = sled_config(dir.path());
+    let store = open(&config).await.expect("open");
+    for n in 0..KEYS {
+        let mut digest = [0u8; 32];
+        digest[..8].copy_from_slice(&n.to_be_bytes());
+        let key = LoginKey {
+            user_id: 1,
+            epoch: 0,
+            created_at: 1_000,
+            last_used_at: 1_000,
+        };
+        store
+            .import(totpd::store::BackupRecord {
+                kind: "keys".into(),
+                key: digest.to_vec(),
+                value: encode(&key),
+            })
+            .await
+            .expect("import");
+    }
+    let life = KeyLifetime {
+        absolute: 86_400,
+        idle: 86_400,
+    };
+    let now = 10_000_000;
+    let sweeping = tokio::spawn({
+        let store = Arc::clone(&store);
+        async move { store.sweep(now, life, 0).await }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    store.close().await.expect("close");
+    let first = sweeping.await.expect("task").expect("sweep");
+    // At one pause per 256 records, a whole sweep of these keys takes at least 78 ms.
+    assert!(first < KEYS as usize, "the sweep did not stop: {first}");
+    drop(store);
+    let store = open(&config).await.expect("reopen");
+    let second = store.sweep(now, life, 0).await.expect("sweep");
+    assert_eq!(first + second, KEYS as usize);
+    assert_eq!(store.sweep(now, life, 0).await.expect("sweep"), 0);
+    store.close().await.expect("close");
+}

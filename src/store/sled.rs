@@ -342,7 +342,11 @@ impl SledStore {
     ) -> Result<usize, StoreError> {
         let inner = &self.0;
         let mut removed = 0;
+        let mut pace = SweepPace::default();
         for entry in inner.temp_tokens.iter() {
+            if !pace.go_on(&inner.closing) {
+                return Ok(removed);
+            }
             let (digest, index) = entry?;
             let expired = index
                 .get(8..16)
@@ -360,6 +364,9 @@ impl SledStore {
         // Keys revoked by an epoch are not looked for here (that would read every user): they
         // fail, and are deleted, at their next use, and expire like the others.
         for entry in inner.keys.iter() {
+            if !pace.go_on(&inner.closing) {
+                return Ok(removed);
+            }
             let (digest, bytes) = entry?;
             let dead = decode::<LoginKey>(&bytes).map_or(true, |key| !lifetime.alive(&key, now));
             if dead
@@ -372,6 +379,9 @@ impl SledStore {
             }
         }
         for entry in inner.audit.range(..audit_cutoff.to_be_bytes()) {
+            if !pace.go_on(&inner.closing) {
+                return Ok(removed);
+            }
             let (key, _) = entry?;
             inner.audit.remove(key)?;
             removed += 1;
@@ -704,12 +714,14 @@ impl Store for SledStore {
         audit_cutoff: UnixTime,
     ) -> Result<usize, StoreError> {
         let store = self.clone();
-        let removed = tokio::task::spawn_blocking(move || {
+        // A scan of every temp token and key: seconds of a core with a million users, so at
+        // the background priority, not on the blocking pool beside requests.
+        let removed = crate::priority::run_in_background("totpd-sweep", "sweep", move || {
             let _writing = store.0.gate.blocking_read();
             store.sweep_now(now, lifetime, audit_cutoff)
         })
         .await
-        .map_err(|e| StoreError::Backend(e.to_string()))??;
+        .map_err(|e| StoreError::Backend(format!("the sweep failed: {e}")))??;
         if removed > 0 {
             self.persist().await?;
         }
@@ -758,26 +770,20 @@ impl Store for SledStore {
     async fn recount(&self) -> Result<(), StoreError> {
         let store = self.clone();
         let running = Arc::clone(&self.0.counting).lock_owned().await;
-        let (done, result) = tokio::sync::oneshot::channel();
-        std::thread::Builder::new()
-            .name("totpd-count".into())
-            .spawn(move || {
-                crate::priority::lower_this_thread("user count");
-                let counted = if store.0.closing.load(Ordering::SeqCst) {
-                    Ok(())
-                } else {
-                    store.recount_now()
-                };
-                // The store goes before `close` may go on: once it has, nothing of this count
-                // holds the data dir.
-                drop(store);
-                drop(running);
-                let _ = done.send(counted);
-            })
-            .map_err(|e| StoreError::Backend(format!("cannot start the count: {e}")))?;
-        result
-            .await
-            .map_err(|_| StoreError::Backend("the count stopped without a result".into()))?
+        crate::priority::run_in_background("totpd-count", "user count", move || {
+            let counted = if store.0.closing.load(Ordering::SeqCst) {
+                Ok(())
+            } else {
+                store.recount_now()
+            };
+            // The store goes before `close` may go on: once it has, nothing of this count
+            // holds the data dir.
+            drop(store);
+            drop(running);
+            counted
+        })
+        .await
+        .map_err(|e| StoreError::Backend(format!("the count failed: {e}")))?
     }
 
     fn stats(&self) -> StoreStats {
@@ -805,6 +811,34 @@ impl Store for SledStore {
         })
         .await
         .map_err(|e| StoreError::Backend(e.to_string()))?
+    }
+}
+
+/// The sweep's pace: a short pause after every `SWEEP_CHUNK` records, so that the scan runs in
+/// bursts of well under a millisecond. Even at the background priority, a scan that keeps its
+/// core is preempted only at the scheduler's next tick (up to 4 ms on a 250 Hz kernel), and each
+/// such wait lands on a request; measured beside saturating logins, an unpaced sweep of the
+/// bench's records put the p99 of verify at 12–14 ms instead of 8.
+#[derive(Default)]
+struct SweepPace {
+    seen: usize,
+}
+
+const SWEEP_CHUNK: usize = 256;
+const SWEEP_PAUSE: std::time::Duration = std::time::Duration::from_millis(1);
+
+impl SweepPace {
+    /// Counts one record; false once the store is closing (the sweep stops: the next one
+    /// finishes the job).
+    fn go_on(&mut self, closing: &AtomicBool) -> bool {
+        self.seen += 1;
+        if self.seen % SWEEP_CHUNK == 0 {
+            if closing.load(Ordering::SeqCst) {
+                return false;
+            }
+            std::thread::sleep(SWEEP_PAUSE);
+        }
+        true
     }
 }
 
