@@ -63,7 +63,8 @@ struct Args {
     #[arg(long)]
     skip_scale: bool,
     /// Measure only these endpoints (comma-separated names from the table; the baseline always
-    /// runs)
+    /// runs). `mixed` names logins and verifies together, which also run when both `login` and
+    /// `verify_valid` are named
     #[arg(long, value_name = "NAMES", value_delimiter = ',')]
     only: Vec<String>,
     /// `postgres`: also run status, activate and verify (valid code) at c=16 and 64 on the
@@ -83,6 +84,10 @@ struct Args {
     #[arg(long, value_name = "PATH")]
     pgbench: Option<PathBuf>,
 }
+
+/// The logins and the verifies of the verify-beside-logins scenario, at once.
+const MIXED_LOGIN_CONCURRENCY: usize = 16;
+const MIXED_VERIFY_CONCURRENCY: usize = 16;
 
 /// How many times each scale point's verifies run on sled alone.
 const SCALE_ALONE_ROUNDS: usize = 3;
@@ -382,6 +387,7 @@ fn run(args: &Args) -> Result<(), String> {
         again: Vec::new(),
         sled_only: Vec::new(),
         mixed: None,
+        mixed_ceiling: None,
         core: None,
         idle_startup: Duration::ZERO,
         idle: Memory {
@@ -481,9 +487,19 @@ fn run(args: &Args) -> Result<(), String> {
 
 impl Bench<'_> {
     fn wanted(&self, endpoint: Endpoint) -> bool {
-        endpoint == Endpoint::Baseline
-            || self.args.only.is_empty()
-            || self.args.only.iter().any(|n| n == endpoint.name())
+        endpoint == Endpoint::Baseline || self.args.only.is_empty() || self.named(endpoint.name())
+    }
+
+    /// Whether `--only` names `name` (an endpoint, `mixed`, or a store operation of sled alone).
+    fn named(&self, name: &str) -> bool {
+        self.args.only.iter().any(|n| n == name)
+    }
+
+    /// Logins and verifies together: the verify p99 while logins saturate the hash pool.
+    fn wanted_mixed(&self) -> bool {
+        self.args.only.is_empty()
+            || self.named("mixed")
+            || (self.named(Endpoint::Login.name()) && self.named(Endpoint::VerifyValid.name()))
     }
 
     /// Every endpoint at every concurrency against the baseline, on one server; then logins
@@ -574,8 +590,8 @@ impl Bench<'_> {
                 });
             }
         }
-        if self.wanted(Endpoint::Login) && self.wanted(Endpoint::VerifyValid) {
-            let (login_c, verify_c) = (16, 16);
+        if self.wanted_mixed() {
+            let (login_c, verify_c) = (MIXED_LOGIN_CONCURRENCY, MIXED_VERIFY_CONCURRENCY);
             let login = scenarios::sources(Endpoint::Login, &data, login_c);
             let verify = scenarios::sources(Endpoint::VerifyValid, &data, verify_c);
             let mixed = self.plan.mixed;
@@ -639,7 +655,21 @@ impl Bench<'_> {
     /// The store operations of the durable requests on sled alone (see `sled_only`), at the
     /// endpoints' concurrencies, right after them.
     fn sled_only(&self, results: &mut Results) -> Result<(), String> {
+        let wanted: Vec<_> = sled_only::Ops::ALL
+            .into_iter()
+            .filter(|ops| self.args.only.is_empty() || self.named(ops.name()))
+            .collect();
+        if wanted.is_empty() && !self.wanted_mixed() {
+            return Ok(());
+        }
         eprintln!("\n== sled only (the store operations of one request, group commit, fdatasync)");
+        let cache = totpd::config::Config::default().cache_capacity;
+        if self.wanted_mixed() {
+            self.sled_only_beside_hashing(cache, results)?;
+        }
+        if wanted.is_empty() {
+            return Ok(());
+        }
         let dir = self.work.join("sled-only");
         let seeder = Seeder::open(&SeedTarget::Sled(&dir), &self.hash)?;
         let m = &self.plan.main;
@@ -655,16 +685,63 @@ impl Bench<'_> {
         };
         let data = seeder.main_data(&plan)?;
         seeder.finish()?;
-        let runs: Vec<_> = sled_only::Ops::ALL
+        let runs: Vec<_> = wanted
             .into_iter()
             .flat_map(|ops| CONCURRENCY.map(|c| (ops, c)))
             .collect();
-        let cache = totpd::config::Config::default().cache_capacity;
         let timing = sled_only::timing(self.plan.timing);
         for (ops, c, outcome) in sled_only::run(&dir, cache, &data, &runs, timing)? {
             progress(&format!("sled-only {} c={c}", ops.name()), &outcome);
             results.sled_only.push((ops, c, outcome));
         }
+        Ok(())
+    }
+
+    /// The ceiling of the verify-beside-logins target: verify's store operations on sled
+    /// alone at the mixed scenario's verify concurrency, while as many password checks as it
+    /// has logins keep the server's own hasher saturated; in a data dir of its own holding only
+    /// the verifies' users.
+    fn sled_only_beside_hashing(&self, cache: u64, results: &mut Results) -> Result<(), String> {
+        let dir = self.work.join("sled-only-hashing");
+        let seeder = Seeder::open(&SeedTarget::Sled(&dir), &self.hash)?;
+        let m = &self.plan.main;
+        let plan = MainPlan {
+            per_worker: 1,
+            setup: 0,
+            activate: 0,
+            valid_users: m.valid_users,
+            valid_per_user: m.valid_per_user,
+            recovery_users: 0,
+            wrong_tokens: 0,
+            logout: 0,
+        };
+        let data = seeder.main_data(&plan)?;
+        seeder.finish()?;
+        let config = totpd::config::Config::default();
+        let hasher = totpd::service::password::PasswordHasher::new(
+            Argon2Settings::default(),
+            config.hash_threads(),
+        )
+        .map_err(|e| e.to_string())?;
+        let hashing = sled_only::Hashing {
+            hasher,
+            concurrency: MIXED_LOGIN_CONCURRENCY,
+        };
+        let (outcome, hashes) = sled_only::verify_beside_hashing(
+            &dir,
+            cache,
+            &data,
+            MIXED_VERIFY_CONCURRENCY,
+            &hashing,
+            self.plan.mixed,
+        )?;
+        progress(
+            &format!(
+                "sled-only verify_valid c={MIXED_VERIFY_CONCURRENCY} beside {hashes:.0} Argon2 runs/s"
+            ),
+            &outcome,
+        );
+        results.mixed_ceiling = Some((MIXED_VERIFY_CONCURRENCY, outcome, hashes));
         Ok(())
     }
 

@@ -272,7 +272,49 @@ pub fn run(
         .iter()
         .map(|&ops| (ops, digests(ops, data)))
         .collect();
-    run_digests(data_dir, cache_capacity, pools, plan, timing)
+    run_digests(data_dir, cache_capacity, pools, plan, timing, None)
+}
+
+/// Password checks kept running beside the sled-only verifies: `concurrency` tasks each
+/// awaiting one Argon2 run after another on the server's own hasher (its default parameters
+/// and thread count, its threads at the server's background priority), as logins that
+/// saturate the hash pool do.
+pub struct Hashing {
+    pub hasher: totpd::service::password::PasswordHasher,
+    pub concurrency: usize,
+}
+
+/// verify's store operations at `concurrency` while `hashing` saturates the hash pool: the
+/// ceiling of the verify-beside-logins target, with no HTTP and no login's store write. The
+/// second value is the Argon2 runs per second completed meanwhile.
+pub fn verify_beside_hashing(
+    data_dir: &Path,
+    cache_capacity: u64,
+    data: &MainData,
+    concurrency: usize,
+    hashing: &Hashing,
+    timing: Timing,
+) -> Result<(Outcome, f64), String> {
+    let pools = vec![(Ops::VerifyValid, digests(Ops::VerifyValid, data))];
+    let plan = [(Ops::VerifyValid, concurrency)];
+    let hashes = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let outcome = run_digests(
+        data_dir,
+        cache_capacity,
+        pools,
+        &plan,
+        timing,
+        Some((hashing, Arc::clone(&hashes))),
+    )?
+    .pop()
+    .map(|(_, _, outcome)| outcome)
+    .ok_or("no sled-only outcome")?;
+    let per_second = if outcome.seconds > 0.0 {
+        hashes.load(std::sync::atomic::Ordering::Relaxed) as f64 / outcome.seconds
+    } else {
+        0.0
+    };
+    Ok((outcome, per_second))
 }
 
 /// The verifies of a scale point on sled alone: one per temp token of `users` (the server's
@@ -297,19 +339,23 @@ pub fn scale_verify(
         vec![(Ops::VerifyValid, digests)],
         &plan,
         timing,
+        None,
     )?
     .pop()
     .map(|(_, _, outcome)| outcome)
     .ok_or_else(|| "no sled-only outcome".into())
 }
 
-/// Runs `plan` with the digests each kind of request uses up, taken in their given order.
+/// Runs `plan` with the digests each kind of request uses up, taken in their given order;
+/// with `hashing`, its password checks run beside each scenario and the ones completed inside
+/// the window are counted in the counter given with it.
 fn run_digests(
     data_dir: &Path,
     cache_capacity: u64,
     digests: Vec<(Ops, Vec<Digest>)>,
     plan: &[(Ops, usize)],
     timing: Timing,
+    hashing: Option<(&Hashing, Arc<std::sync::atomic::AtomicU64>)>,
 ) -> Result<Vec<(Ops, usize, Outcome)>, String> {
     let db = Arc::new(open(data_dir, cache_capacity)?);
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -336,6 +382,23 @@ fn run_digests(
         let window_start = start + timing.warmup;
         let deadline = window_start + timing.measure;
         let outcome = runtime.block_on(async {
+            let hashers: Vec<_> = hashing
+                .iter()
+                .flat_map(|(h, counter)| {
+                    (0..h.concurrency).map(|_| {
+                        let (hasher, counter) = (h.hasher.clone(), Arc::clone(counter));
+                        tokio::spawn(async move {
+                            while Instant::now() < deadline {
+                                let _ = hasher.verify("a password".into(), None).await;
+                                let now = Instant::now();
+                                if now > window_start && now <= deadline {
+                                    counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                }
+                            }
+                        })
+                    })
+                })
+                .collect();
             let tasks: Vec<_> = (0..concurrency)
                 .map(|_| {
                     let (db, pool) = (Arc::clone(&db), Arc::clone(&pool));
@@ -357,6 +420,9 @@ fn run_digests(
                 all.exhausted |= exhausted;
                 let _ = all.latency.add(&latency);
                 last_end = last_end.max(ended);
+            }
+            for hasher in hashers {
+                let _ = hasher.await;
             }
             all.seconds = last_end
                 .saturating_duration_since(window_start)
