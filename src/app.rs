@@ -191,8 +191,8 @@ impl Application {
         .await;
         // When this returns, no task of the server holds the store any more, so that the data
         // dir can be opened again at once (a restart in the same process, as tests and
-        // embedding programs do): the background tasks are ended and awaited. A count still
-        // scanning on its thread is stopped, and waited for, by the store's close.
+        // embedding programs do): the background tasks are ended and awaited. A count or a
+        // sweep still scanning on its thread is stopped, and waited for, by the store's close.
         sweeper.abort();
         let _ = sweeper.await;
         counting.abort();

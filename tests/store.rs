@@ -282,21 +282,22 @@ async fn close_during_a_count_leaves_the_data_dir_free() {
     }
 }
 
-/// The sweep is paced (a pause every few hundred records, so a long scan never holds a core
-/// for long) and stops when the store closes: close does not wait for a whole slow scan, and
-/// the next sweep, after a reopen, removes what the stopped one left.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn close_stops_a_sweep_and_the_next_sweep_finishes_it() {
-    use totpd::domain::keys::KeyLifetime;
+/// A sled store holding `keys` login keys of user 1, all long expired at `SWEEP_NOW`; the key
+/// numbered n has the digest starting with n's big-endian bytes, so a sweep meets them in order.
+async fn store_with_expired_keys(config: &StoreConfig, keys: u64) -> Arc<dyn totpd::store::Store> {
     use totpd::domain::user::LoginKey;
     use totpd::store::codec::encode;
-    const KEYS: u64 = 20_000;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let config = sled_config(dir.path());
-    let store = open(&config).await.expect("open");
-    for n in 0..KEYS {
-        let mut digest = [0u8; 32];
-        digest[..8].copy_from_slice(&n.to_be_bytes());
+    let store = open(config).await.expect("open");
+    let owner = totpd::domain::user::User::new(1, "owner".into(), "$argon2id$hash".into(), 5);
+    store
+        .import(totpd::store::BackupRecord {
+            kind: "users".into(),
+            key: 1u64.to_be_bytes().to_vec(),
+            value: encode(&owner),
+        })
+        .await
+        .expect("import");
+    for n in 0..keys {
         let key = LoginKey {
             user_id: 1,
             epoch: 0,
@@ -306,30 +307,108 @@ async fn close_stops_a_sweep_and_the_next_sweep_finishes_it() {
         store
             .import(totpd::store::BackupRecord {
                 kind: "keys".into(),
-                key: digest.to_vec(),
+                key: key_digest(n).to_vec(),
                 value: encode(&key),
             })
             .await
             .expect("import");
     }
-    let life = KeyLifetime {
-        absolute: 86_400,
-        idle: 86_400,
-    };
-    let now = 10_000_000;
+    store
+}
+
+fn key_digest(n: u64) -> [u8; 32] {
+    let mut digest = [0u8; 32];
+    digest[..8].copy_from_slice(&n.to_be_bytes());
+    digest
+}
+
+const SWEEP_NOW: u64 = 10_000_000;
+const SWEEP_LIFE: totpd::domain::keys::KeyLifetime = totpd::domain::keys::KeyLifetime {
+    absolute: 86_400,
+    idle: 86_400,
+};
+
+/// The sweep is paced (a pause every few hundred records, so a long scan never holds a core
+/// for long) and stops when the store closes: close does not wait for a whole slow scan, and
+/// the next sweep, after a reopen, removes what the stopped one left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_stops_a_sweep_and_the_next_sweep_finishes_it() {
+    const KEYS: u64 = 20_000;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = sled_config(dir.path());
+    let store = store_with_expired_keys(&config, KEYS).await;
+    let (now, life) = (SWEEP_NOW, SWEEP_LIFE);
     let sweeping = tokio::spawn({
         let store = Arc::clone(&store);
         async move { store.sweep(now, life, 0).await }
     });
-    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    // Close once the sweep is under way (it goes in key order: the first key goes first).
+    let started = std::time::Instant::now();
+    while store
+        .user_by_key(&key_digest(0))
+        .await
+        .expect("store")
+        .is_some()
+    {
+        assert!(started.elapsed().as_secs() < 30, "the sweep never started");
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
     store.close().await.expect("close");
-    let first = sweeping.await.expect("task").expect("sweep");
-    // At one pause per 256 records, a whole sweep of these keys takes at least 78 ms.
-    assert!(first < KEYS as usize, "the sweep did not stop: {first}");
+    // As the server does at shutdown: the task that awaited the sweep is dropped, not awaited
+    // to its end. Once close has returned, nothing of the sweep holds the data dir.
+    sweeping.abort();
+    let _ = sweeping.await;
     drop(store);
-    let store = open(&config).await.expect("reopen");
+    let store = open(&config)
+        .await
+        .expect("the data dir is free once close returns");
+    // At one pause per 256 records a whole sweep of these keys takes at least 78 ms: the first
+    // one stopped part way, and the next one removes the rest.
     let second = store.sweep(now, life, 0).await.expect("sweep");
-    assert_eq!(first + second, KEYS as usize);
+    assert!(
+        second > 0 && second < KEYS as usize,
+        "the first sweep removed none or all: {second} left"
+    );
     assert_eq!(store.sweep(now, life, 0).await.expect("sweep"), 0);
+    store.close().await.expect("close");
+}
+
+/// A sweep asked for just as the store closes, its thread not yet started or just started:
+/// once close has returned, the sweep holds nothing (the data dir opens again at once) and
+/// changes nothing after close's final flush.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sweep_racing_close_leaves_the_data_dir_free() {
+    const KEYS: u64 = 5_000;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = sled_config(dir.path());
+    let store = store_with_expired_keys(&config, KEYS).await;
+    store.close().await.expect("close");
+    drop(store);
+    for round in 0..5u64 {
+        let store = open(&config).await.expect("the data dir is free");
+        let sweeping = tokio::spawn({
+            let store = Arc::clone(&store);
+            async move { store.sweep(SWEEP_NOW, SWEEP_LIFE, 0).await }
+        });
+        tokio::time::sleep(std::time::Duration::from_micros(round * 300)).await;
+        store.close().await.expect("close");
+        sweeping.abort();
+        let _ = sweeping.await;
+        drop(store);
+        // Reopened at once: nothing of the sweep may hold the data dir any more.
+        let store = open(&config)
+            .await
+            .expect("the data dir is free once close returns");
+        store.close().await.expect("close");
+    }
+    let store = open(&config).await.expect("open");
+    store.sweep(SWEEP_NOW, SWEEP_LIFE, 0).await.expect("sweep");
+    assert!(
+        store
+            .user_by_key(&key_digest(KEYS - 1))
+            .await
+            .expect("store")
+            .is_none()
+    );
     store.close().await.expect("close");
 }

@@ -67,11 +67,11 @@ struct Inner {
     /// Whether `COUNTS_KEY` holds the counts (a close wrote them): the next change that moves a
     /// count takes them out again, so a later crash cannot leave them stale.
     counts_kept: AtomicBool,
-    /// Held by a full count from before its thread starts until the thread has let go of the
-    /// store: `close` waits for it (after asking it to stop), so that once `close` returns no
-    /// count holds the data dir.
-    counting: Arc<tokio::sync::Mutex<()>>,
-    /// Set by `close`: a full count stops early, and none starts.
+    /// Held by a full count or a sweep from before its thread starts until the thread has let
+    /// go of the store: `close` waits for it (after asking it to stop), so that once `close`
+    /// returns no scan holds the data dir or changes anything.
+    scanning: Arc<tokio::sync::Mutex<()>>,
+    /// Set by `close`: a full count or a sweep stops early, and none starts.
     closing: AtomicBool,
     /// Writers hold it shared while they write; an export holds it alone, so a backup is one
     /// consistent snapshot (sled has no snapshots of its own).
@@ -145,7 +145,7 @@ impl SledStore {
             audit_queue,
             counts,
             counts_kept: AtomicBool::new(false),
-            counting: Arc::new(tokio::sync::Mutex::new(())),
+            scanning: Arc::new(tokio::sync::Mutex::new(())),
             closing: AtomicBool::new(false),
             gate: tokio::sync::RwLock::new(()),
             log,
@@ -342,7 +342,7 @@ impl SledStore {
     ) -> Result<usize, StoreError> {
         let inner = &self.0;
         let mut removed = 0;
-        let mut pace = SweepPace::default();
+        let mut pace = SweepPace::new(&inner.gate);
         for entry in inner.temp_tokens.iter() {
             if !pace.go_on(&inner.closing) {
                 return Ok(removed);
@@ -714,11 +714,19 @@ impl Store for SledStore {
         audit_cutoff: UnixTime,
     ) -> Result<usize, StoreError> {
         let store = self.clone();
+        let running = Arc::clone(&self.0.scanning).lock_owned().await;
         // A scan of every temp token and key: seconds of a core with a million users, so at
         // the background priority, not on the blocking pool beside requests.
         let removed = crate::priority::run_in_background("totpd-sweep", "sweep", move || {
-            let _writing = store.0.gate.blocking_read();
-            store.sweep_now(now, lifetime, audit_cutoff)
+            let removed = if store.0.closing.load(Ordering::SeqCst) {
+                Ok(0)
+            } else {
+                store.sweep_now(now, lifetime, audit_cutoff)
+            };
+            // As a count's: the store goes before `close` may go on.
+            drop(store);
+            drop(running);
+            removed
         })
         .await
         .map_err(|e| StoreError::Backend(format!("the sweep failed: {e}")))??;
@@ -769,7 +777,7 @@ impl Store for SledStore {
     /// must not wait behind it for a core.
     async fn recount(&self) -> Result<(), StoreError> {
         let store = self.clone();
-        let running = Arc::clone(&self.0.counting).lock_owned().await;
+        let running = Arc::clone(&self.0.scanning).lock_owned().await;
         crate::priority::run_in_background("totpd-count", "user count", move || {
             let counted = if store.0.closing.load(Ordering::SeqCst) {
                 Ok(())
@@ -797,12 +805,12 @@ impl Store for SledStore {
         }
     }
 
-    /// Stops a full count that may be running (and waits for it), then, with the write gate
+    /// Stops a full count or a sweep that may be running (and waits for it), then, with the write gate
     /// held alone so that no change is half done, keeps the counts for the next open and makes
     /// everything durable.
     async fn close(&self) -> Result<(), StoreError> {
         self.0.closing.store(true, Ordering::SeqCst);
-        drop(self.0.counting.lock().await);
+        drop(self.0.scanning.lock().await);
         let _alone = self.0.gate.write().await;
         let store = self.clone();
         tokio::task::spawn_blocking(move || {
@@ -818,25 +826,39 @@ impl Store for SledStore {
 /// bursts of well under a millisecond. Even at the background priority, a scan that keeps its
 /// core is preempted only at the scheduler's next tick (up to 4 ms on a 250 Hz kernel), and each
 /// such wait lands on a request; measured beside saturating logins, an unpaced sweep of the
-/// bench's records put the p99 of verify at 12–14 ms instead of 8.
-#[derive(Default)]
-struct SweepPace {
+/// bench's records put the p99 of verify at 12–14 ms instead of 8. The write gate is held
+/// (shared, as every writer holds it) for one chunk at a time and let go during the pause, so
+/// whatever waits for the gate alone (an export, a count's result, `close`) waits for one chunk,
+/// not the whole paced scan; each delete is a compare-and-swap, so nothing needs it longer.
+struct SweepPace<'a> {
     seen: usize,
+    gate: &'a tokio::sync::RwLock<()>,
+    writing: Option<tokio::sync::RwLockReadGuard<'a, ()>>,
 }
 
 const SWEEP_CHUNK: usize = 256;
 const SWEEP_PAUSE: std::time::Duration = std::time::Duration::from_millis(1);
 
-impl SweepPace {
+impl<'a> SweepPace<'a> {
+    fn new(gate: &'a tokio::sync::RwLock<()>) -> Self {
+        Self {
+            seen: 0,
+            gate,
+            writing: Some(gate.blocking_read()),
+        }
+    }
+
     /// Counts one record; false once the store is closing (the sweep stops: the next one
     /// finishes the job).
     fn go_on(&mut self, closing: &AtomicBool) -> bool {
         self.seen += 1;
         if self.seen % SWEEP_CHUNK == 0 {
+            self.writing = None;
             if closing.load(Ordering::SeqCst) {
                 return false;
             }
             std::thread::sleep(SWEEP_PAUSE);
+            self.writing = Some(self.gate.blocking_read());
         }
         true
     }
