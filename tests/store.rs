@@ -322,6 +322,23 @@ fn key_digest(n: u64) -> [u8; 32] {
     digest
 }
 
+/// Closes `store` while `sweeping` may still run, drops that task as the server does at
+/// shutdown (not awaited to its end), and reopens the data dir at once: once close has
+/// returned, nothing of the sweep may hold it.
+async fn close_and_reopen<T>(
+    store: Arc<dyn totpd::store::Store>,
+    sweeping: tokio::task::JoinHandle<T>,
+    config: &StoreConfig,
+) -> Arc<dyn totpd::store::Store> {
+    store.close().await.expect("close");
+    sweeping.abort();
+    let _ = sweeping.await;
+    drop(store);
+    open(config)
+        .await
+        .expect("the data dir is free once close returns")
+}
+
 const SWEEP_NOW: u64 = 10_000_000;
 const SWEEP_LIFE: totpd::domain::keys::KeyLifetime = totpd::domain::keys::KeyLifetime {
     absolute: 86_400,
@@ -353,15 +370,7 @@ async fn close_stops_a_sweep_and_the_next_sweep_finishes_it() {
         assert!(started.elapsed().as_secs() < 30, "the sweep never started");
         tokio::time::sleep(std::time::Duration::from_millis(1)).await;
     }
-    store.close().await.expect("close");
-    // As the server does at shutdown: the task that awaited the sweep is dropped, not awaited
-    // to its end. Once close has returned, nothing of the sweep holds the data dir.
-    sweeping.abort();
-    let _ = sweeping.await;
-    drop(store);
-    let store = open(&config)
-        .await
-        .expect("the data dir is free once close returns");
+    let store = close_and_reopen(store, sweeping, &config).await;
     // At one pause per 256 records a whole sweep of these keys takes at least 78 ms: the first
     // one stopped part way, and the next one removes the rest.
     let second = store.sweep(now, life, 0).await.expect("sweep");
@@ -391,14 +400,7 @@ async fn a_sweep_racing_close_leaves_the_data_dir_free() {
             async move { store.sweep(SWEEP_NOW, SWEEP_LIFE, 0).await }
         });
         tokio::time::sleep(std::time::Duration::from_micros(round * 300)).await;
-        store.close().await.expect("close");
-        sweeping.abort();
-        let _ = sweeping.await;
-        drop(store);
-        // Reopened at once: nothing of the sweep may hold the data dir any more.
-        let store = open(&config)
-            .await
-            .expect("the data dir is free once close returns");
+        let store = close_and_reopen(store, sweeping, &config).await;
         store.close().await.expect("close");
     }
     let store = open(&config).await.expect("open");
