@@ -65,22 +65,22 @@ impl StatusStore {
         let record: LoginKey = decode(&record).ok()?;
         let user = self.users.get(record.user_id.to_be_bytes()).ok()??;
         let status = TotpStatus::of(&decode::<User>(&user).ok()?);
-        Some(serde_json::json!({
-            "active": status.active,
-            "pending": status.pending,
-            "recovery_codes_remaining": status.recovery_codes_remaining,
-        }))
+        Some(totpd::http::handlers::status_body(&status))
     }
 }
 
-/// The status ceiling's route, with its log line.
+/// The status ceiling's route, with its log line; without a store (no `--status-store`) it
+/// answers 404, as an unknown path does.
 fn status_route(
-    store: StatusStore,
+    store: Option<StatusStore>,
 ) -> impl Filter<Extract = (warp::reply::Response,), Error = warp::Rejection> + Clone {
     warp::get()
         .and(warp::path!("api" / "v1" / "bench" / "bare" / "status"))
         .and(warp::header::<String>("authorization"))
         .map(move |authorization: String| {
+            let Some(store) = &store else {
+                return StatusCode::NOT_FOUND.into_response();
+            };
             let started = Instant::now();
             let (status, body) = match store.status(&authorization) {
                 Some(body) => (StatusCode::OK, body),
@@ -148,20 +148,9 @@ async fn main() {
             term.recv().await;
         }
     };
-    match status_store {
-        None => {
-            warp::serve(get.or(post))
-                .incoming(listener)
-                .graceful(shutdown)
-                .run()
-                .await;
-        }
-        Some(store) => {
-            warp::serve(get.or(post).or(status_route(store)))
-                .incoming(listener)
-                .graceful(shutdown)
-                .run()
-                .await;
-        }
-    }
+    warp::serve(get.or(post).or(status_route(status_store)))
+        .incoming(listener)
+        .graceful(shutdown)
+        .run()
+        .await;
 }
