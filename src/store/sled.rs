@@ -525,6 +525,34 @@ impl SledStore {
         Ok(())
     }
 
+    /// Runs `scan` (a full count, a sweep) on a thread of its own at the background priority,
+    /// so that requests never wait behind it for a core, as they would on the blocking pool.
+    /// It holds `scanning` from before its thread starts until the thread has let go of the
+    /// store, and does not run once `close` has begun (`if_closing` is then the answer): once
+    /// `close` returns, no scan holds the data dir or changes anything.
+    async fn scan_in_background<T: Send + 'static>(
+        &self,
+        name: &str,
+        what: &'static str,
+        if_closing: T,
+        scan: impl FnOnce(&SledStore) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let store = self.clone();
+        let running = Arc::clone(&self.0.scanning).lock_owned().await;
+        crate::priority::run_in_background(name, what, move || {
+            let result = if store.0.closing.load(Ordering::SeqCst) {
+                Ok(if_closing)
+            } else {
+                scan(&store)
+            };
+            drop(store);
+            drop(running);
+            result
+        })
+        .await
+        .map_err(|e| StoreError::Backend(format!("the {what} failed: {e}")))?
+    }
+
     /// Writes the counts for the next open, when they are known exactly. The caller holds the
     /// write gate alone (or nothing else runs: a restore).
     fn keep_counts_now(&self) -> Result<(), StoreError> {
@@ -713,23 +741,12 @@ impl Store for SledStore {
         lifetime: KeyLifetime,
         audit_cutoff: UnixTime,
     ) -> Result<usize, StoreError> {
-        let store = self.clone();
-        let running = Arc::clone(&self.0.scanning).lock_owned().await;
-        // A scan of every temp token and key: seconds of a core with a million users, so at
-        // the background priority, not on the blocking pool beside requests.
-        let removed = crate::priority::run_in_background("totpd-sweep", "sweep", move || {
-            let removed = if store.0.closing.load(Ordering::SeqCst) {
-                Ok(0)
-            } else {
+        // A scan of every temp token and key: seconds of a core with a million users.
+        let removed = self
+            .scan_in_background("totpd-sweep", "sweep", 0, move |store| {
                 store.sweep_now(now, lifetime, audit_cutoff)
-            };
-            // As a count's: the store goes before `close` may go on.
-            drop(store);
-            drop(running);
-            removed
-        })
-        .await
-        .map_err(|e| StoreError::Backend(format!("the sweep failed: {e}")))??;
+            })
+            .await?;
         if removed > 0 {
             self.persist().await?;
         }
@@ -773,25 +790,10 @@ impl Store for SledStore {
             .unwrap_or(false)
     }
 
-    /// On a thread of its own at a low priority: the scan reads every user, and requests
-    /// must not wait behind it for a core.
+    /// The scan reads every user.
     async fn recount(&self) -> Result<(), StoreError> {
-        let store = self.clone();
-        let running = Arc::clone(&self.0.scanning).lock_owned().await;
-        crate::priority::run_in_background("totpd-count", "user count", move || {
-            let counted = if store.0.closing.load(Ordering::SeqCst) {
-                Ok(())
-            } else {
-                store.recount_now()
-            };
-            // The store goes before `close` may go on: once it has, nothing of this count
-            // holds the data dir.
-            drop(store);
-            drop(running);
-            counted
-        })
-        .await
-        .map_err(|e| StoreError::Backend(format!("the count failed: {e}")))?
+        self.scan_in_background("totpd-count", "user count", (), SledStore::recount_now)
+            .await
     }
 
     fn stats(&self) -> StoreStats {
@@ -1104,10 +1106,7 @@ pub async fn restore(
         // Counted once here (nothing else writes meanwhile), so the first start on the restored
         // data needs no scan; the scan and the flush's fsync off the executor.
         tokio::task::spawn_blocking(move || {
-            let before = store.0.counts.moves();
-            if let Some((users, active)) = store.count_users()? {
-                store.0.counts.set(users, active, before);
-            }
+            store.recount_now()?;
             store.keep_counts_now()?;
             store.flush_now()
         })
