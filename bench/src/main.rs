@@ -162,13 +162,10 @@ impl Plan {
             },
             postgres: MainPlan {
                 per_worker: 64,
-                setup: 0,
                 activate: 20_000 * f,
                 valid_users: 12_000 * f,
                 valid_per_user: 3,
-                recovery_users: 0,
-                wrong_tokens: 0,
-                logout: 0,
+                ..MainPlan::default()
             },
             pgbench_seconds: if quick { 3 } else { 5 },
             scale: if quick {
@@ -611,6 +608,9 @@ impl Bench<'_> {
         if self.wanted(Endpoint::Status) {
             self.status_ceiling(&dir, &data, results)?;
         }
+        if self.wanted_mixed() {
+            self.sled_only_beside_hashing(results)?;
+        }
         self.sled_only(results)
     }
 
@@ -659,17 +659,11 @@ impl Bench<'_> {
             .into_iter()
             .filter(|ops| self.args.only.is_empty() || self.named(ops.name()))
             .collect();
-        if wanted.is_empty() && !self.wanted_mixed() {
+        if wanted.is_empty() {
             return Ok(());
         }
         eprintln!("\n== sled only (the store operations of one request, group commit, fdatasync)");
         let cache = totpd::config::Config::default().cache_capacity;
-        if self.wanted_mixed() {
-            self.sled_only_beside_hashing(cache, results)?;
-        }
-        if wanted.is_empty() {
-            return Ok(());
-        }
         let dir = self.work.join("sled-only");
         let seeder = Seeder::open(&SeedTarget::Sled(&dir), &self.hash)?;
         let m = &self.plan.main;
@@ -701,19 +695,16 @@ impl Bench<'_> {
     /// alone at the mixed scenario's verify concurrency, while as many password checks as it
     /// has logins keep the server's own hasher saturated; in a data dir of its own holding only
     /// the verifies' users.
-    fn sled_only_beside_hashing(&self, cache: u64, results: &mut Results) -> Result<(), String> {
+    fn sled_only_beside_hashing(&self, results: &mut Results) -> Result<(), String> {
+        eprintln!("\n== sled only beside the saturated hasher");
         let dir = self.work.join("sled-only-hashing");
         let seeder = Seeder::open(&SeedTarget::Sled(&dir), &self.hash)?;
         let m = &self.plan.main;
         let plan = MainPlan {
             per_worker: 1,
-            setup: 0,
-            activate: 0,
             valid_users: m.valid_users,
             valid_per_user: m.valid_per_user,
-            recovery_users: 0,
-            wrong_tokens: 0,
-            logout: 0,
+            ..MainPlan::default()
         };
         let data = seeder.main_data(&plan)?;
         seeder.finish()?;
@@ -729,7 +720,7 @@ impl Bench<'_> {
         };
         let (outcome, hashes) = sled_only::verify_beside_hashing(
             &dir,
-            cache,
+            config.cache_capacity,
             &data,
             MIXED_VERIFY_CONCURRENCY,
             &hashing,

@@ -86,7 +86,8 @@ pub fn take<T>(pool: &Pool<T>) -> Option<T> {
     pool.lock().unwrap_or_else(PoisonError::into_inner).pop()
 }
 
-/// How much of each kind the main data dir gets.
+/// How much of each kind the main data dir gets (nothing of a kind left out of a literal).
+#[derive(Default)]
 pub struct MainPlan {
     /// Users to log in as, and login keys for status: one per worker.
     pub per_worker: usize,
