@@ -24,6 +24,24 @@ async fn sled_store() -> TestStore {
     }
 }
 
+/// Imports a user without TOTP as a restore does: past the operations that keep the counts.
+async fn import_user(
+    store: &dyn totpd::store::Store,
+    id: u64,
+    name: &str,
+) -> totpd::domain::user::User {
+    let user = totpd::domain::user::User::new(id, name.into(), "$argon2id$hash".into(), 5);
+    store
+        .import(totpd::store::BackupRecord {
+            kind: "users".into(),
+            key: id.to_be_bytes().to_vec(),
+            value: totpd::store::codec::encode(&user),
+        })
+        .await
+        .expect("import");
+    user
+}
+
 totpd::store_conformance_suite!(sled_store);
 
 /// A restore takes effect only when its source confirms, after the last record, that all of
@@ -138,15 +156,7 @@ async fn counts_kept_by_a_clean_close_serve_the_next_open_only() {
 
     let store = open(&config).await.expect("reopen");
     assert_eq!(store.stats().counts, Some((4, 2)));
-    let erin = totpd::domain::user::User::new(90, "erin".into(), "$argon2id$hash".into(), 5);
-    store
-        .import(totpd::store::BackupRecord {
-            kind: "users".into(),
-            key: erin.id.to_be_bytes().to_vec(),
-            value: totpd::store::codec::encode(&erin),
-        })
-        .await
-        .expect("import");
+    import_user(store.as_ref(), 90, "erin").await;
     assert_eq!(store.stats().counts, None, "an import makes them unknown");
     store.close().await.expect("close");
     drop(store);
@@ -160,16 +170,8 @@ async fn counts_kept_by_a_clean_close_serve_the_next_open_only() {
 /// counter past them, so a user created afterwards replaces no one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn users_imported_without_a_counter_are_never_overwritten() {
-    use totpd::domain::user::User;
-    use totpd::store::codec::encode;
     let TestStore { store, keep: _keep } = sled_store().await;
-    let bob = User::new(41, "bob".into(), "$argon2id$hash".into(), 5);
-    let record = totpd::store::BackupRecord {
-        kind: "users".into(),
-        key: bob.id.to_be_bytes().to_vec(),
-        value: encode(&bob),
-    };
-    store.import(record).await.expect("import");
+    let bob = import_user(store.as_ref(), 41, "bob").await;
     let carol = new_user(store.as_ref(), "carol").await;
     assert!(carol.id > bob.id, "{} after {}", carol.id, bob.id);
     assert_eq!(store.user(bob.id).await.expect("store"), Some(bob));
@@ -241,21 +243,11 @@ async fn writers_waiting_behind_a_backup_leave_the_workers_to_readers() {
 /// returns, the data dir opens again at once (a restart in the same process).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn close_during_a_count_leaves_the_data_dir_free() {
-    use totpd::domain::user::User;
-    use totpd::store::codec::encode;
     let dir = tempfile::tempdir().expect("tempdir");
     let config = sled_config(dir.path());
     let store = open(&config).await.expect("open");
     for id in 1..=20_000u64 {
-        let user = User::new(id, format!("user-{id}"), "$argon2id$hash".into(), 5);
-        store
-            .import(totpd::store::BackupRecord {
-                kind: "users".into(),
-                key: id.to_be_bytes().to_vec(),
-                value: encode(&user),
-            })
-            .await
-            .expect("import");
+        import_user(store.as_ref(), id, &format!("user-{id}")).await;
     }
     store.close().await.expect("close");
     drop(store);
@@ -288,15 +280,7 @@ async fn store_with_expired_keys(config: &StoreConfig, keys: u64) -> Arc<dyn tot
     use totpd::domain::user::LoginKey;
     use totpd::store::codec::encode;
     let store = open(config).await.expect("open");
-    let owner = totpd::domain::user::User::new(1, "owner".into(), "$argon2id$hash".into(), 5);
-    store
-        .import(totpd::store::BackupRecord {
-            kind: "users".into(),
-            key: 1u64.to_be_bytes().to_vec(),
-            value: encode(&owner),
-        })
-        .await
-        .expect("import");
+    import_user(store.as_ref(), 1, "owner").await;
     for n in 0..keys {
         let key = LoginKey {
             user_id: 1,
