@@ -664,21 +664,19 @@ impl Bench<'_> {
         }
         eprintln!("\n== sled only (the store operations of one request, group commit, fdatasync)");
         let cache = totpd::config::Config::default().cache_capacity;
-        let dir = self.work.join("sled-only");
-        let seeder = Seeder::open(&SeedTarget::Sled(&dir), &self.hash)?;
         let m = &self.plan.main;
-        let plan = MainPlan {
-            per_worker: 1,
-            setup: m.setup,
-            activate: 0,
-            valid_users: m.valid_users,
-            valid_per_user: m.valid_per_user,
-            recovery_users: 0,
-            wrong_tokens: m.wrong_tokens,
-            logout: m.logout,
-        };
-        let data = seeder.main_data(&plan)?;
-        seeder.finish()?;
+        let (dir, data) = self.sled_only_data(
+            "sled-only",
+            MainPlan {
+                per_worker: 1,
+                setup: m.setup,
+                valid_users: m.valid_users,
+                valid_per_user: m.valid_per_user,
+                wrong_tokens: m.wrong_tokens,
+                logout: m.logout,
+                ..MainPlan::default()
+            },
+        )?;
         let runs: Vec<_> = wanted
             .into_iter()
             .flat_map(|ops| CONCURRENCY.map(|c| (ops, c)))
@@ -691,23 +689,31 @@ impl Bench<'_> {
         Ok(())
     }
 
+    /// A data dir of the work dir named `name`, prepared with `plan` for sled alone.
+    fn sled_only_data(&self, name: &str, plan: MainPlan) -> Result<(PathBuf, MainData), String> {
+        let dir = self.work.join(name);
+        let seeder = Seeder::open(&SeedTarget::Sled(&dir), &self.hash)?;
+        let data = seeder.main_data(&plan)?;
+        seeder.finish()?;
+        Ok((dir, data))
+    }
+
     /// The ceiling of the verify-beside-logins target: verify's store operations on sled
     /// alone at the mixed scenario's verify concurrency, while as many password checks as it
     /// has logins keep the server's own hasher saturated; in a data dir of its own holding only
     /// the verifies' users.
     fn sled_only_beside_hashing(&self, results: &mut Results) -> Result<(), String> {
         eprintln!("\n== sled only beside the saturated hasher");
-        let dir = self.work.join("sled-only-hashing");
-        let seeder = Seeder::open(&SeedTarget::Sled(&dir), &self.hash)?;
         let m = &self.plan.main;
-        let plan = MainPlan {
-            per_worker: 1,
-            valid_users: m.valid_users,
-            valid_per_user: m.valid_per_user,
-            ..MainPlan::default()
-        };
-        let data = seeder.main_data(&plan)?;
-        seeder.finish()?;
+        let (dir, data) = self.sled_only_data(
+            "sled-only-hashing",
+            MainPlan {
+                per_worker: 1,
+                valid_users: m.valid_users,
+                valid_per_user: m.valid_per_user,
+                ..MainPlan::default()
+            },
+        )?;
         let config = totpd::config::Config::default();
         let hasher = totpd::service::password::PasswordHasher::new(
             Argon2Settings::default(),
